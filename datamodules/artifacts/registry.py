@@ -1,0 +1,21 @@
+"""Registry of artifact types: name -> spec class."""
+
+from datamodules.artifacts.base import ArtifactSpec
+from datamodules.artifacts.foreign import DebrisSpec, InkSpec, ThreadSpec
+from datamodules.artifacts.tissue import BlurSpec, BubbleSpec, FoldSpec, StainSpec
+
+ARTIFACT_TYPES: dict[str, type[ArtifactSpec]] = {
+    spec.name: spec for spec in (FoldSpec, InkSpec, BubbleSpec, BlurSpec, ThreadSpec, DebrisSpec, StainSpec)
+}
+"""Every artifact type by name: fold, ink, bubble, blur, thread, debris, stain."""
+
+
+def spec_class(name: str) -> type[ArtifactSpec]:
+    """Look up an artifact type by name.
+
+    Raises:
+        ValueError: for an unknown name, listing the valid ones.
+    """
+    if name not in ARTIFACT_TYPES:
+        raise ValueError(f"unknown artifact type {name!r}; valid types: {sorted(ARTIFACT_TYPES)}")
+    return ARTIFACT_TYPES[name]
