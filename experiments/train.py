@@ -1,0 +1,50 @@
+"""Train any LightningModule of this suite with LightningCLI (the denoiser, the autoencoder, baselines).
+
+Configs compose by repeating ``--config`` (later files override earlier ones); every key is validated against the
+constructors' signatures and ``--print_config`` shows the dotted names that sweeps and overrides use.
+
+Usage::
+
+    # 1. train (or fine-tune) the autoencoder on clean tiles, then export it with AutoencoderModule.export
+    python -m experiments.train fit --config experiments/configs/base.yaml \\
+        --config experiments/configs/model/vae_cpu.yaml --config experiments/configs/data/bundled.yaml
+    # 2. train the latent denoiser on the exported autoencoder
+    python -m experiments.train fit --config experiments/configs/base.yaml \\
+        --config experiments/configs/model/latent_cpu.yaml --config experiments/configs/data/bundled.yaml \\
+        --model.init_args.autoencoder outputs/vae_cpu
+    # resume exactly (optimizer, EMA, step counters) from the last checkpoint
+    python -m experiments.train fit --config ... --ckpt_path outputs/checkpoints/last.ckpt
+"""
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningCLI
+
+from lightning_modules.callbacks.wandb_config import ConfigToWandb
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
+    """Build (and by default run) the suite's LightningCLI.
+
+    Args:
+        args: Command-line arguments (``None`` reads ``sys.argv``), e.g. ``["fit", "--config", "base.yaml"]``.
+        run: Run the subcommand; False only instantiates (then ``args`` must not name a subcommand).
+
+    Returns:
+        The CLI object (``cli.model``, ``cli.datamodule``, ``cli.trainer``).
+    """
+    return LightningCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_callback=ConfigToWandb,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"parser_mode": "omegaconf"},
+        auto_configure_optimizers=False,
+        args=args,
+        run=run,
+    )
+
+
+if __name__ == "__main__":
+    cli_main()
