@@ -75,9 +75,13 @@ class CleanTileDataModule(L.LightningDataModule):
         max_tiles: Mapping[str, int] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # Plain attributes, not self.hparams: save_hyperparameters() reads the caller's frames and picks up the wrong
+        # arguments when a DataModule is built inside another one (LatentCacheDataModule does).
         self.sources_spec = [sources] if isinstance(sources, str) else list(sources)
+        self.tile_size, self.stride, self.min_tissue, self.seed = tile_size, stride, min_tissue, seed
         self.split_fractions = dict(split_fractions) if split_fractions else None
+        self.batch_size, self.eval_batch_size, self.num_workers = batch_size, eval_batch_size, num_workers
+        self.augment, self.stain_jitter = augment, stain_jitter
         self.max_tiles = dict(max_tiles or {})
         self.datasets: dict[str, Dataset] = {}
         self.sources: list[TileSource] = []
@@ -97,20 +101,20 @@ class CleanTileDataModule(L.LightningDataModule):
         tiles = tiles_for_split(
             self.sources,
             split,
-            size=self.hparams.tile_size,
-            stride=self.hparams.stride,
-            min_tissue=self.hparams.min_tissue,
-            seed=self.hparams.seed,
+            size=self.tile_size,
+            stride=self.stride,
+            min_tissue=self.min_tissue,
+            seed=self.seed,
             **kwargs,
         )
         cap = self.max_tiles.get(split)
         if cap and cap < len(tiles):
             # a seeded subsample keeps every source represented (the first tiles all come from the first source)
-            keep = np.sort(np.random.default_rng([self.hparams.seed, len(tiles)]).choice(len(tiles), cap, replace=False))
+            keep = np.sort(np.random.default_rng([self.seed, len(tiles)]).choice(len(tiles), cap, replace=False))
             tiles = [tiles[i] for i in keep]
         if not tiles:
             raise ValueError(
-                f"split {split!r} has no tiles of {self.hparams.tile_size}px with >= {self.hparams.min_tissue:.0%} "
+                f"split {split!r} has no tiles of {self.tile_size}px with >= {self.min_tissue:.0%} "
                 f"tissue in {self.sources_spec}; lower tile_size/min_tissue or add images"
             )
         return tiles
@@ -118,17 +122,17 @@ class CleanTileDataModule(L.LightningDataModule):
     def make_dataset(self, split: str) -> Dataset:
         """The dataset of one split."""
         augment = None
-        if split == "train" and self.hparams.augment:
-            augment = clean_tile_augmentation(stain_strength=self.hparams.stain_jitter)
-        return TileDataset(self.sources, self.tiles(split), split=split, seed=self.hparams.seed, augment=augment)
+        if split == "train" and self.augment:
+            augment = clean_tile_augmentation(stain_strength=self.stain_jitter)
+        return TileDataset(self.sources, self.tiles(split), split=split, seed=self.seed, augment=augment)
 
     # -- Lightning hooks -------------------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets and derive per-device batch sizes from the trainer's world size."""
         world = self.trainer.world_size if self.trainer is not None else 1
-        self.batch_size_per_device = per_device_batch_size(self.hparams.batch_size, world)
+        self.batch_size_per_device = per_device_batch_size(self.batch_size, world)
         self.eval_batch_size_per_device = per_device_batch_size(
-            self.hparams.eval_batch_size or self.hparams.batch_size, world
+            self.eval_batch_size or self.batch_size, world
         )
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
         for split in wanted.get(stage, SPLITS) if stage else SPLITS:
@@ -140,11 +144,11 @@ class CleanTileDataModule(L.LightningDataModule):
         if split not in self.datasets:
             self.setup(None if self.trainer is None else {"train": "fit", "val": "validate"}.get(split, "test"))
         ds = self.datasets[split]
-        workers = self.hparams.num_workers
+        workers = self.num_workers
         return DataLoader(
             ds,
             batch_size=self.batch_size_per_device if train else self.eval_batch_size_per_device,
-            sampler=EpochIndexSampler(len(ds), seed=self.hparams.seed, shuffle=train) if train else None,
+            sampler=EpochIndexSampler(len(ds), seed=self.seed, shuffle=train) if train else None,
             shuffle=False,
             drop_last=train and len(ds) >= self.batch_size_per_device,
             num_workers=workers,
@@ -174,21 +178,35 @@ class ArtifactRestorationDataModule(CleanTileDataModule):
             replace the synthesised split, e.g. ``{"test": "data/real_pairs"}``.
         mask_convention: Mask files' convention for ``triplets``: ``"artifact"`` (nonzero = artifact) or ``"keep"``
             (the authors' 255 = keep files).
-        **kwargs: As :class:`CleanTileDataModule`.
+        Other arguments: as :class:`CleanTileDataModule`.
     """
 
     def __init__(
         self,
-        *args,
+        sources: str | Sequence[str] = "bundled",
+        tile_size: int = 256,
+        stride: int | None = 128,
+        min_tissue: float = 0.5,
+        split_fractions: Mapping[str, float] | None = None,
+        seed: int = 0,
+        batch_size: int = 16,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        augment: bool = True,
+        stain_jitter: float = 1.0,
+        max_tiles: Mapping[str, int] | None = None,
         artifacts: Mapping | None = None,
         triplets: Mapping[str, str] | None = None,
         mask_convention: str = "artifact",
-        **kwargs,
     ) -> None:
-        super().__init__(*args, **kwargs)
-        self.save_hyperparameters()
+        super().__init__(
+            sources=sources, tile_size=tile_size, stride=stride, min_tissue=min_tissue,
+            split_fractions=split_fractions, seed=seed, batch_size=batch_size, eval_batch_size=eval_batch_size,
+            num_workers=num_workers, augment=augment, stain_jitter=stain_jitter, max_tiles=max_tiles,
+        )
         self.synthesizer = ArtifactSynthesizer.from_config(dict(artifacts)) if artifacts else ArtifactSynthesizer()
         self.triplets = dict(triplets or {})
+        self.mask_convention = mask_convention
         unknown = set(self.triplets) - set(SPLITS)
         if unknown:
             raise ValueError(f"triplets keys must be among {SPLITS}, got {sorted(unknown)}")
@@ -196,15 +214,15 @@ class ArtifactRestorationDataModule(CleanTileDataModule):
     def make_dataset(self, split: str) -> Dataset:
         """Triplet folder if configured for this split, else clean tiles with online synthesis."""
         if split in self.triplets:
-            return TripletFolderDataset(self.triplets[split], mask_convention=self.hparams.mask_convention)
+            return TripletFolderDataset(self.triplets[split], mask_convention=self.mask_convention)
         augment = None
-        if split == "train" and self.hparams.augment:
-            augment = clean_tile_augmentation(stain_strength=self.hparams.stain_jitter)
+        if split == "train" and self.augment:
+            augment = clean_tile_augmentation(stain_strength=self.stain_jitter)
         return OnlineArtifactDataset(
             self.sources,
             self.tiles(split),
             synthesizer=self.synthesizer,
             split=split,
-            seed=self.hparams.seed,
+            seed=self.seed,
             augment=augment,
         )

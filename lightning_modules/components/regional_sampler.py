@@ -41,7 +41,7 @@ StepCallback = Callable[[int, int, Tensor], None]
 _PRESETS: dict[str, dict[str, Any]] = {
     "repaint": dict(
         mask_mode="maxpool", known="renoise", start="noise", paste_back=True, color_match=False,
-        timestep_spacing=None, steps_offset=None,
+        timestep_spacing="trailing", steps_offset=None,
     ),
     "reference": dict(
         mask_mode="nearest", known="clean", start="z0", paste_back=False, color_match=True,
@@ -78,7 +78,8 @@ class SamplerConfig:
         feather: seam width in pixels for the paste-back; grows into the artifact side only.
         color_match: in ``restore``, match the decoded image's global mean/std to the input's clean region.
         eta: DDIM's eta (0 = deterministic); ignored by other schedulers.
-        timestep_spacing: override the scheduler's ``timestep_spacing`` (None = keep it).
+        timestep_spacing: override the scheduler's ``timestep_spacing`` (None = keep it); the repaint preset uses
+            ``"trailing"`` so the first step is t = T - 1 (pure noise), as Lin et al. 2024 recommend.
         steps_offset: override the scheduler's ``steps_offset`` (None = keep it).
     """
 
@@ -95,7 +96,7 @@ class SamplerConfig:
     feather: int = 0
     color_match: bool = False
     eta: float = 0.0
-    timestep_spacing: Literal["leading", "trailing", "linspace"] | None = None
+    timestep_spacing: Literal["leading", "trailing", "linspace"] | None = "trailing"
     steps_offset: int | None = None
 
     def __post_init__(self) -> None:

@@ -1,0 +1,181 @@
+"""Evaluate restoration methods with standard region-wise metrics and write a comparison report.
+
+Two modes:
+
+    # score folders you already have (any method, any tool)
+    python -m experiments.evaluate --clean C/ --masks M/ --restored latent=R1/ telea=R2/ --out OUT
+    # run registered methods on an evaluation set (a `datamodules.synthesize` output or real triplets), then score
+    python -m experiments.evaluate --data EVALSET --methods identity,telea,latent --model outputs/demo/pipeline --out OUT
+
+Writes ``OUT/metrics.csv`` (long form: method,image,region,metric,value; regions whole/artifact/clean/boundary,
+metrics l2/mse/psnr/ssim/fsim), ``OUT/summary.json`` (means, 95 % bootstrap intervals, paired differences against
+the first method, seconds per tile and NFE, skipped files), ``OUT/report.md`` and ``OUT/grid.png`` (worst and best
+tiles per method). Metrics are the standard ones (float, data range 255 on the 0-255 scale); ``--paper-compatible``
+adds the authors' data-range variants as separate, ``paper_``-prefixed rows (REFERENCE.md section 7). ``--wandb``
+also logs a table and the grid (offline unless the user has a key and sets WANDB_MODE=online).
+"""
+
+import argparse
+import csv
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from experiments.report import comparison_grid, markdown_tables, summarize, write_json_atomic
+from experiments.scoring import iter_scores, match_names
+
+log = logging.getLogger("experiments.evaluate")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line arguments."""
+    p = argparse.ArgumentParser(prog="python -m experiments.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--clean", type=Path, help="folder of clean references (score mode)")
+    p.add_argument("--masks", type=Path, help="folder of masks (score mode)")
+    p.add_argument("--restored", nargs="+", default=[], metavar="NAME=DIR", help="restored folders (score mode)")
+    p.add_argument("--data", type=Path, help="evaluation set with clean/, corrupted/, masks/ (run mode)")
+    p.add_argument("--methods", default="", help="comma list of registered methods to run on --data")
+    p.add_argument("--model", type=Path, help="pipeline folder for latent methods")
+    p.add_argument("--steps", type=int, help="sampling steps for diffusion methods")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--mask-convention", default="artifact", choices=("artifact", "keep"))
+    p.add_argument("--paper-compatible", action="store_true", help="also write the authors' data-range variants")
+    p.add_argument("--wandb", action="store_true", help="log a table and the grid to wandb (offline by default)")
+    p.add_argument("--title", default="Restoration comparison")
+    return p.parse_args(argv)
+
+
+def run_methods(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, dict]]:
+    """Restore ``--data/corrupted`` with every method into ``OUT/restored/NAME``; returns folders and timings."""
+    from experiments.restore import parse_args as restore_args
+    from experiments.restore import restore_folder
+
+    folders, timings = {}, {}
+    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        out = args.out / "restored" / method
+        argv = ["--method", method, "--images", str(args.data / "corrupted"), "--masks", str(args.data / "masks"),
+                "--out", str(out), "--batch-size", str(args.batch_size), "--seed", str(args.seed),
+                "--device", args.device, "--precision", args.precision, "--mask-convention", args.mask_convention]
+        if args.model is not None:
+            argv += ["--model", str(args.model)]
+        if args.steps is not None and method.startswith("latent"):
+            argv += ["--steps", str(args.steps)]
+        before = len(list(out.glob("*.png"))) if out.is_dir() else 0
+        start = time.perf_counter()
+        stats = restore_folder(restore_args(argv))
+        elapsed = time.perf_counter() - start
+        folders[method] = out
+        done = stats["done"]
+        timings[method] = {
+            "seconds_per_tile": elapsed / done if done else None,
+            "tiles_timed": done,
+            "already_done": before,
+            "nfe_per_tile": stats["nfe"],
+            "device": args.device,
+            "precision": args.precision,
+            "batch_size": args.batch_size,
+        }
+    return folders, timings
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the evaluation; returns the exit code."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, dict] = {}
+    if args.data is not None:
+        if not args.methods:
+            raise SystemExit("--data needs --methods (e.g. identity,telea,latent)")
+        clean, masks, corrupted = args.data / "clean", args.data / "masks", args.data / "corrupted"
+        restored, timings = run_methods(args)
+    else:
+        if args.clean is None or args.masks is None or not args.restored:
+            raise SystemExit("score mode needs --clean, --masks and --restored NAME=DIR (or use --data/--methods)")
+        clean, masks, corrupted = args.clean, args.masks, None
+        restored = {}
+        for item in args.restored:
+            name, sep, folder = item.partition("=")
+            if not sep or not name:
+                raise SystemExit(f"--restored expects NAME=DIR, got {item!r}")
+            restored[name] = Path(folder)
+    for folder in (clean, masks, *restored.values()):
+        if not Path(folder).is_dir():
+            raise SystemExit(f"{folder} is not a folder")
+
+    names, skipped = match_names(clean, masks, restored)
+    if not names:
+        raise SystemExit(f"no image in {clean} has a mask of the same name in {masks}")
+    rows = []
+    tmp_csv = args.out / "metrics.csv.tmp"
+    with tmp_csv.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["method", "image", "region", "metric", "value"])
+        writer.writeheader()
+        modes = ("standard", "paper") if args.paper_compatible else ("standard",)
+        for mode in modes:
+            for row in iter_scores(clean, masks, restored, names=names, batch_size=8, mode=mode,
+                                   mask_convention=args.mask_convention, skipped=skipped if mode == "standard" else []):
+                writer.writerow(row)
+                rows.append(row)
+    os.replace(tmp_csv, args.out / "metrics.csv")
+
+    methods = list(restored)
+    summary = summarize(rows, methods, seed=args.seed)
+    summary.update({"timings": timings, "skipped": [{"file": f, "reason": r} for f, r in skipped],
+                    "images": len(names), "mode": "standard" + (" + paper-compatible" if args.paper_compatible else "")})
+    write_json_atomic(args.out / "summary.json", summary)
+    shown = comparison_grid(args.out / "grid.png", clean=clean, masks=masks, corrupted=corrupted, restored=restored,
+                            rows=rows, mask_convention=args.mask_convention)
+    (args.out / "report.md").write_text(render_report(args.title, summary, shown))
+    if args.wandb:
+        log_to_wandb(args.out, rows, summary)
+    print(f"scored {len(names)} images x {len(methods)} methods -> {args.out / 'report.md'}")
+    if skipped:
+        print(f"skipped {len(skipped)} item(s); see summary.json")
+    return 0
+
+
+def render_report(title: str, summary: dict, shown: list[str]) -> str:
+    """The markdown report: tables per region, timings, skipped files and the grid."""
+    lines = [f"# {title}", "", f"{summary['images']} images, methods: {', '.join(summary['methods'])}. "
+             "Standard metrics on the 0-255 scale (data range 255); L2 = per-image sum of squared errors.", ""]
+    lines.append(markdown_tables(summary))
+    if summary.get("timings"):
+        lines += ["", "#### speed", "", "| method | s / tile | NFE / tile | device | precision | batch |",
+                  "|---|---|---|---|---|---|"]
+        for m, t in summary["timings"].items():
+            spt = "n/a" if t["seconds_per_tile"] is None else f"{t['seconds_per_tile']:.3f}"
+            lines.append(f"| {m} | {spt} | {t['nfe_per_tile']} | {t['device']} | {t['precision']} | {t['batch_size']} |")
+    if summary.get("skipped"):
+        lines += ["", f"#### skipped ({len(summary['skipped'])})", ""]
+        lines += [f"- `{s['file']}`: {s['reason']}" for s in summary["skipped"]]
+    if shown:
+        lines += ["", "#### worst and best tiles per method (artifact-region PSNR)", "", "![grid](grid.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def log_to_wandb(out: Path, rows: list[dict], summary: dict) -> None:
+    """Log the long-form table, the summary means and the grid to a wandb run (offline unless configured)."""
+    import wandb
+
+    run = wandb.init(project=os.environ.get("WANDB_PROJECT", "latent-artifusion"), job_type="evaluate",
+                     mode=os.environ.get("WANDB_MODE", "offline"), dir=str(out))
+    try:
+        run.log({"evaluate/metrics": wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])})
+        flat = {f"evaluate/{m}/{reg}/{met}": e["mean"] for m, regs in summary["metrics"].items()
+                for reg, mets in regs.items() for met, e in mets.items()}
+        run.log(flat)
+        if (out / "grid.png").exists():
+            run.log({"evaluate/grid": wandb.Image(str(out / "grid.png"))})
+    finally:
+        run.finish()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,285 @@
+"""An exported restoration pipeline: one folder that restores tiles without the training code's checkpoint.
+
+Layout (diffusers ``save_pretrained`` formats plus one JSON file)::
+
+    PIPELINE_DIR/
+      pipeline.json     # kind ("latent" or "pixel"), denoiser class, sampler settings, scheduler name, image size
+      unet/             # the denoiser in diffusers format (UNet2DModel, or any ModelMixin+ConfigMixin such as the
+                        # pixel baseline's Swin-UNet); EMA weights when training used EMA
+      scheduler/        # the training noise schedule (diffusers DDPMScheduler config)
+      vae/              # diffusers AutoencoderKL (latent pipelines only)
+
+``RestorationPipeline.from_pretrained(dir)`` loads it; ``restore(corrupted, artifact_mask)`` runs the regional
+sampler (REFERENCE.md sections 3-4) with the stored settings, any of which can be overridden per call (preset, step
+count, scheduler, strength, ...). The same class serves pixel-space models (``kind="pixel"``: no VAE, factor 1).
+"""
+
+import contextlib
+import importlib
+import json
+import logging
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
+
+from lightning_modules.components.autoencoders import LatentCodec
+from lightning_modules.components.regional_sampler import RegionalSampler, SamplerConfig, restore
+from lightning_modules.components.restorer import check_batch, register_restorer
+from lightning_modules.components.schedulers import build_scheduler
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def unet_callable(unet: torch.nn.Module) -> callable:
+    """Wrap a denoiser (diffusers output with ``.sample`` or a plain tensor) as ``denoiser(x_t, t) -> output``."""
+
+    def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = unet(x, t)
+        return out.sample if hasattr(out, "sample") else out
+
+    return fn
+
+
+def class_path(obj) -> str:
+    """``module.ClassName`` of an object's class."""
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def import_class(path: str) -> type:
+    """Import ``module.ClassName``; errors name the path."""
+    module, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise ImportError(f"cannot import denoiser class {path!r} named in pipeline.json: {err}") from err
+
+
+def save_pipeline(
+    path: str | Path,
+    *,
+    unet: UNet2DModel,
+    scheduler: DDPMScheduler,
+    sampler: SamplerConfig,
+    vae: AutoencoderKL | None = None,
+    image_size: int = 256,
+    scheduler_name: str = "ddpm",
+    extra: dict | None = None,
+) -> Path:
+    """Write a pipeline folder (atomically: built in a temp folder, then renamed over ``path``).
+
+    Args:
+        path: Output folder.
+        unet: The denoiser (pass the EMA copy when training used EMA).
+        scheduler: The training noise scheduler (its config defines the betas).
+        sampler: Default sampler settings stored in ``pipeline.json``.
+        vae: The autoencoder for latent pipelines; None for pixel-space pipelines.
+        image_size: Tile edge in pixels the pipeline was trained for.
+        scheduler_name: Default sampling scheduler (``"ddpm"``, ``"ddim"``, ``"dpmsolver++"``).
+        extra: Extra JSON-serialisable facts (training run, metrics) stored under ``"extra"``.
+
+    Returns:
+        The pipeline folder.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        _rmtree(tmp)
+    tmp.mkdir(parents=True)
+    unet.save_pretrained(tmp / "unet")
+    scheduler.save_pretrained(tmp / "scheduler")
+    if vae is not None:
+        vae.save_pretrained(tmp / "vae")
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "kind": "latent" if vae is not None else "pixel",
+        "denoiser_class": class_path(unet),
+        "image_size": image_size,
+        "scheduler_name": scheduler_name,
+        "sampler": sampler.to_dict(),
+        "extra": extra or {},
+    }
+    (tmp / "pipeline.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    if path.exists():
+        _rmtree(path)
+    os.replace(tmp, path)
+    return path
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path)
+
+
+class RestorationPipeline(torch.nn.Module):
+    """Regional restoration with an exported denoiser (and VAE); implements the ``Restorer`` interface.
+
+    Args:
+        unet: Denoiser predicting epsilon (or epsilon + variance channels).
+        scheduler: Training noise scheduler (betas); sampling schedulers are derived from its config.
+        sampler: Default sampler settings.
+        vae: Autoencoder for latent pipelines (frozen); None for pixel space.
+        scheduler_name: Default sampling scheduler name.
+        precision: ``"fp32"``, ``"bf16"`` (fast on AMX CPUs and recent GPUs) or ``"fp16"`` (GPU) autocast.
+        name: Method name used in reports.
+    """
+
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        scheduler: DDPMScheduler,
+        sampler: SamplerConfig,
+        vae: AutoencoderKL | None = None,
+        *,
+        scheduler_name: str = "ddpm",
+        precision: str = "fp32",
+        name: str = "latent",
+        image_size: int = 256,
+    ) -> None:
+        super().__init__()
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        self.unet = unet.eval().requires_grad_(False)
+        self.codec = LatentCodec(vae) if vae is not None else None
+        self.noise_scheduler = scheduler
+        self.sampler_config = sampler
+        self.scheduler_name = scheduler_name
+        self.precision = precision
+        self.name = name
+        self.image_size = image_size
+        self.nfe = 0
+
+    @property
+    def factor(self) -> int:
+        """Pixels per latent cell (8 for the kl-f8 VAE, 1 in pixel space)."""
+        return self.codec.factor if self.codec is not None else 1
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, *, device: str | torch.device = "cpu", precision: str = "fp32", name: str | None = None
+    ) -> "RestorationPipeline":
+        """Load a folder written by :func:`save_pipeline`; errors name the missing part."""
+        path = Path(path)
+        meta_file = path / "pipeline.json"
+        if not meta_file.is_file():
+            raise FileNotFoundError(
+                f"{path} is not a restoration pipeline (no pipeline.json); export one with "
+                "`python -m experiments.export` or the demo (`make demo`)"
+            )
+        meta = json.loads(meta_file.read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{meta_file}: format_version {meta.get('format_version')} != {FORMAT_VERSION}")
+        unet_cls = import_class(meta.get("denoiser_class", "diffusers.UNet2DModel"))
+        unet = unet_cls.from_pretrained(path / "unet", local_files_only=True)
+        scheduler = DDPMScheduler.from_pretrained(path / "scheduler", local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(path / "vae", local_files_only=True) if meta["kind"] == "latent" else None
+        pipe = cls(
+            unet,
+            scheduler,
+            SamplerConfig.from_dict(meta["sampler"]),
+            vae,
+            scheduler_name=meta.get("scheduler_name", "ddpm"),
+            precision=precision,
+            name=name or ("latent" if meta["kind"] == "latent" else "pixel"),
+            image_size=meta.get("image_size", 256),
+        )
+        return pipe.to(device)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write this pipeline to a folder (see :func:`save_pipeline`)."""
+        return save_pipeline(
+            path,
+            unet=self.unet,
+            scheduler=self.noise_scheduler,
+            sampler=self.sampler_config,
+            vae=self.codec.vae if self.codec is not None else None,
+            image_size=self.image_size,
+            scheduler_name=self.scheduler_name,
+        )
+
+    def _autocast(self, device: torch.device):
+        dtype = PRECISIONS[self.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=dtype)
+
+    def make_sampler(self, *, preset: str | None = None, scheduler: str | None = None, **overrides) -> RegionalSampler:
+        """A sampler with the stored settings, optionally switched to another preset/scheduler or overridden."""
+        config = self.sampler_config
+        if preset is not None and preset != config.preset:
+            config = SamplerConfig.from_preset(preset)
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if overrides:
+            config = replace(config, **overrides)
+        name = scheduler or ("ddpm" if config.preset == "reference" else self.scheduler_name)
+        return RegionalSampler(build_scheduler(name, dict(self.noise_scheduler.config)), config)
+
+    @torch.no_grad()
+    def restore(
+        self,
+        corrupted: torch.Tensor,
+        artifact_mask: torch.Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        preset: str | None = None,
+        scheduler: str | None = None,
+        **overrides,
+    ) -> torch.Tensor:
+        """Restore a batch of tiles.
+
+        Args:
+            corrupted: (B, 3, H, W) in [-1, 1]; H and W divisible by the VAE factor.
+            artifact_mask: (B, 1, H, W) in {0, 1}, 1 = artifact.
+            generator: Seeds every random draw (same seed, same output on CPU).
+            preset: ``"repaint"`` or ``"reference"`` to switch presets for this call.
+            scheduler: Sampling scheduler name for this call.
+            **overrides: SamplerConfig fields, e.g. ``num_steps=25``, ``strength=0.8``.
+
+        Returns:
+            (B, 3, H, W) in [-1, 1].
+        """
+        check_batch(corrupted, artifact_mask)
+        device = next(self.unet.parameters()).device
+        corrupted, artifact_mask = corrupted.to(device), artifact_mask.to(device)
+        sampler = self.make_sampler(preset=preset, scheduler=scheduler, **overrides)
+        if self.codec is not None:
+            encode = lambda x: self.codec.encode(x, generator=generator)  # noqa: E731
+            decode = self.codec.decode
+        else:
+            encode = decode = lambda x: x  # noqa: E731
+        with self._autocast(device):
+            out = restore(
+                encode,
+                decode,
+                sampler,
+                unet_callable(self.unet),
+                corrupted,
+                artifact_mask,
+                factor=self.factor,
+                generator=generator,
+            )
+        self.nfe = sampler.nfe
+        return out.float()
+
+
+def _pipeline_factory(preset: str):
+    def factory(*, model: str | Path | None = None, device: str = "cpu", precision: str = "fp32", **_):
+        if model is None:
+            raise ValueError(f"method 'latent{'' if preset == 'repaint' else '-' + preset}' needs --model PIPELINE_DIR")
+        pipe = RestorationPipeline.from_pretrained(model, device=device, precision=precision)
+        if preset != pipe.sampler_config.preset:
+            pipe.sampler_config = SamplerConfig.from_preset(preset)
+        pipe.name = "latent" if preset == "repaint" else f"latent-{preset}"
+        return pipe
+
+    return factory
+
+
+register_restorer("latent")(_pipeline_factory("repaint"))
+register_restorer("latent-reference")(_pipeline_factory("reference"))

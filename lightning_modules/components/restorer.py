@@ -1,0 +1,79 @@
+"""One restorer interface for every method, and a registry so a method is named on the command line.
+
+A restorer maps a batch of corrupted tiles and artifact masks to restored tiles::
+
+    restored = restorer.restore(corrupted, artifact_mask, generator=g)   # (B, 3, H, W) in [-1, 1]
+
+with ``corrupted`` float (B, 3, H, W) in [-1, 1] and ``artifact_mask`` float (B, 1, H, W), 1 = artifact. ``nfe`` is
+the number of network evaluations per tile (0 for classical methods), reported next to timings.
+
+Register a method with ``@register_restorer("name")`` on a factory ``f(**kwargs) -> Restorer``; build it with
+``build_restorer("name", model=..., device=...)``. Factories ignore keyword arguments they do not use, so one call
+site can build every method.
+"""
+
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+import torch
+
+RESTORERS: dict[str, Callable[..., "Restorer"]] = {}
+
+
+@runtime_checkable
+class Restorer(Protocol):
+    """What every restoration method implements."""
+
+    name: str
+    nfe: int
+
+    def restore(
+        self, corrupted: torch.Tensor, artifact_mask: torch.Tensor, *, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Restore a batch: (B, 3, H, W) in [-1, 1] and (B, 1, H, W) in {0, 1} -> (B, 3, H, W) in [-1, 1]."""
+        ...
+
+
+def register_restorer(name: str) -> Callable:
+    """Decorator registering a restorer factory under ``name``."""
+
+    def wrap(factory: Callable) -> Callable:
+        if name in RESTORERS:
+            raise ValueError(f"restorer {name!r} is already registered")
+        RESTORERS[name] = factory
+        return factory
+
+    return wrap
+
+
+def build_restorer(name: str, **kwargs) -> Restorer:
+    """Build a registered restorer; unknown names list the available ones."""
+    _import_builtin_methods()
+    if name not in RESTORERS:
+        raise ValueError(f"unknown restoration method {name!r}; available: {', '.join(sorted(RESTORERS))}")
+    return RESTORERS[name](**kwargs)
+
+
+def available_restorers() -> list[str]:
+    """Names of every registered method."""
+    _import_builtin_methods()
+    return sorted(RESTORERS)
+
+
+def _import_builtin_methods() -> None:
+    """Import the modules whose decorators register the built-in methods."""
+    import lightning_modules.baselines.classical  # noqa: F401
+    import lightning_modules.baselines.cyclegan  # noqa: F401
+    import lightning_modules.components.pipeline  # noqa: F401
+    import lightning_modules.components.artifusion  # noqa: F401
+
+
+def check_batch(corrupted: torch.Tensor, artifact_mask: torch.Tensor) -> None:
+    """Validate a restorer's inputs; raises ValueError naming the bad shape or range."""
+    if corrupted.ndim != 4 or corrupted.shape[1] != 3:
+        raise ValueError(f"corrupted must be (B, 3, H, W), got {tuple(corrupted.shape)}")
+    if artifact_mask.shape != (corrupted.shape[0], 1, *corrupted.shape[2:]):
+        raise ValueError(
+            f"artifact_mask must be (B, 1, H, W) = {(corrupted.shape[0], 1, *corrupted.shape[2:])}, "
+            f"got {tuple(artifact_mask.shape)}"
+        )
