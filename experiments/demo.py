@@ -36,10 +36,10 @@ class DemoSettings:
     """Sizes of every stage; ``quick()`` is the smoke-test version."""
 
     vae_tile: int = 128
-    vae_steps: int = 600
+    vae_steps: int = 500
     vae_batch: int = 8
-    latent_steps: int = 1500
-    latent_batch: int = 32
+    latent_steps: int = 1000
+    latent_batch: int = 16
     cache_variants: int = 8
     test_count: int = 16
     sample_steps: int = 50

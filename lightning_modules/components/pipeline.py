@@ -176,9 +176,12 @@ class RestorationPipeline(torch.nn.Module):
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{meta_file}: format_version {meta.get('format_version')} != {FORMAT_VERSION}")
         unet_cls = import_class(meta.get("denoiser_class", "diffusers.UNet2DModel"))
-        unet = unet_cls.from_pretrained(path / "unet", local_files_only=True)
+        # low_cpu_mem_usage=False: the fast path needs `accelerate`, which the suite does not depend on
+        unet = unet_cls.from_pretrained(path / "unet", local_files_only=True, low_cpu_mem_usage=False)
         scheduler = DDPMScheduler.from_pretrained(path / "scheduler", local_files_only=True)
-        vae = AutoencoderKL.from_pretrained(path / "vae", local_files_only=True) if meta["kind"] == "latent" else None
+        vae = None
+        if meta["kind"] == "latent":
+            vae = AutoencoderKL.from_pretrained(path / "vae", local_files_only=True, low_cpu_mem_usage=False)
         pipe = cls(
             unet,
             scheduler,
