@@ -45,13 +45,19 @@ class DemoSettings:
     sample_steps: int = 50
     feather: int = 2
     methods: str = "identity,telea,ns,latent-reference,latent"
+    baselines: bool = True
+    artifusion_steps: int = 300
+    artifusion_sample_steps: int = 50
+    cyclegan_epochs: int = 10
+    cyclegan_batches: int = 15
     downstream: bool = True
 
     @classmethod
     def quick(cls) -> "DemoSettings":
         """A 2-3 minute run of every stage."""
         return cls(vae_steps=40, vae_batch=4, latent_steps=60, latent_batch=16, cache_variants=2, test_count=4,
-                   sample_steps=10)
+                   sample_steps=10, artifusion_steps=10, artifusion_sample_steps=10, cyclegan_epochs=1,
+                   cyclegan_batches=5)
 
     def digest(self, *keys: str) -> str:
         """Hash of the named settings (a stage reruns when these change)."""
@@ -117,6 +123,46 @@ def export_pipeline(out: Path, model, s: DemoSettings) -> Path:
                          extra={"trained_by": "experiments.demo", "settings": asdict(s)})
 
 
+def train_artifusion(out: Path, s: DemoSettings) -> Path:
+    """Train the CPU-sized pixel ArtiFusion (Swin-UNet + time token) on clean tiles and export a pixel pipeline.
+
+    The paper samples with RePaint at 250 steps x 10 resamples (2410 network evaluations per tile); on 2 CPU cores
+    the demo samples with ``artifusion_sample_steps`` plain steps instead (the benchmark times the paper preset).
+    """
+    from experiments.train import cli_main
+    from lightning_modules.components.regional_sampler import SamplerConfig
+
+    cli = cli_main([
+        "fit", "--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "model/artifusion_cpu.yaml"),
+        "--config", str(CONFIGS / "data/bundled.yaml"), "--data.init_args.batch_size=8",
+        # fully convolutional/windowed networks: train on 128 px crops (4x cheaper), restore 256 px tiles
+        "--data.init_args.tile_size=128",
+        "--data.init_args.num_workers=1", "--data.init_args.max_tiles={val: 8}",
+        f"--trainer.max_steps={s.artifusion_steps}", "--trainer.max_epochs=-1",
+        f"--trainer.default_root_dir={out / 'runs'}", "--trainer.logger.init_args.save_dir", str(out / "runs"),
+        "--trainer.logger.init_args.name=demo-artifusion",
+    ])
+    sampler = SamplerConfig.from_preset("repaint", num_steps=s.artifusion_sample_steps, feather=s.feather)
+    return cli.model.export(out / "artifusion", sampler=sampler, image_size=256)
+
+
+def train_cyclegan(out: Path, s: DemoSettings) -> Path:
+    """Train the CPU-sized CycleGAN unpaired on corrupted vs clean tiles and export its generator."""
+    from experiments.train import cli_main
+
+    cli = cli_main([
+        "fit", "--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "model/cyclegan_cpu.yaml"),
+        "--config", str(CONFIGS / "data/bundled_restoration.yaml"), "--data.init_args.num_workers=1",
+        "--data.init_args.tile_size=128",
+        "--data.init_args.max_tiles={val: 8}",
+        # its LR schedule is per epoch (constant, then linear decay), so the demo shortens epochs, not max_epochs=-1
+        f"--trainer.max_epochs={s.cyclegan_epochs}", f"--trainer.limit_train_batches={s.cyclegan_batches}",
+        f"--trainer.default_root_dir={out / 'runs'}", "--trainer.logger.init_args.save_dir", str(out / "runs"),
+        "--trainer.logger.init_args.name=demo-cyclegan",
+    ])
+    return cli.model.export(out / "cyclegan")
+
+
 def write_report(out: Path, s: DemoSettings, timings: dict[str, float], quick: bool) -> Path:
     """Assemble ``report.md`` from the stage timings, the gallery and the evaluation report."""
     eval_md = (out / "eval" / "report.md").read_text().replace("](grid.png)", "](eval/grid.png)")
@@ -156,11 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny schedules: a 2-3 minute smoke test of every stage")
     p.add_argument("--force", action="store_true", help="redo every stage")
     p.add_argument("--precision", default="bf16", choices=("fp32", "bf16"), help="restoration autocast precision")
+    p.add_argument("--no-baselines", action="store_true", help="skip training pixel ArtiFusion and CycleGAN")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("WANDB_MODE", "offline")
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     s = DemoSettings.quick() if args.quick else DemoSettings()
+    s.baselines = not args.no_baselines
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -187,15 +235,22 @@ def main(argv: list[str] | None = None) -> int:
                    "sample_steps", "feather")
     stage("train latent denoiser + export pipeline", latent_keys,
           lambda: export_pipeline(out, train_latent(out, s), s))
+    methods = s.methods
+    if s.baselines:
+        stage("train pixel ArtiFusion baseline", ("artifusion_steps", "artifusion_sample_steps", "feather"),
+              lambda: train_artifusion(out, s))
+        stage("train CycleGAN baseline", ("cyclegan_epochs", "cyclegan_batches"), lambda: train_cyclegan(out, s))
+        methods += f",artifusion={out / 'artifusion'},cyclegan={out / 'cyclegan'}"
     stage("synthesise test set", ("test_count",), lambda: synthesize.main(
         ["--bundled", "--count", str(s.test_count), "--seed", "0", "--out", str(out / "evalset")]))
     def restore_and_evaluate() -> None:
         shutil.rmtree(out / "eval", ignore_errors=True)  # restored outputs of an older pipeline must not be reused
-        evaluate.main(["--data", str(out / "evalset"), "--methods", s.methods, "--model", str(out / "pipeline"),
+        evaluate.main(["--data", str(out / "evalset"), "--methods", methods, "--model", str(out / "pipeline"),
                        "--out", str(out / "eval"), "--batch-size", "8", "--precision", args.precision,
                        "--title", "Restoration comparison"])
 
-    stage("restore + evaluate", (*latent_keys, "test_count", "methods"), restore_and_evaluate)
+    baseline_keys = ("baselines", "artifusion_steps", "artifusion_sample_steps", "cyclegan_epochs", "cyclegan_batches")
+    stage("restore + evaluate", (*latent_keys, *baseline_keys, "test_count", "methods"), restore_and_evaluate)
     if s.downstream and _has_downstream():
         from experiments import downstream
 

@@ -37,8 +37,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--masks", type=Path, help="folder of masks (score mode)")
     p.add_argument("--restored", nargs="+", default=[], metavar="NAME=DIR", help="restored folders (score mode)")
     p.add_argument("--data", type=Path, help="evaluation set with clean/, corrupted/, masks/ (run mode)")
-    p.add_argument("--methods", default="", help="comma list of registered methods to run on --data")
-    p.add_argument("--model", type=Path, help="pipeline folder for latent methods")
+    p.add_argument("--methods", default="",
+                   help="comma list of registered methods to run on --data; NAME=DIR gives a method its own model "
+                        "folder, e.g. identity,telea,latent,artifusion=runs/af/pipeline,cyclegan=runs/cg/generator")
+    p.add_argument("--model", type=Path, help="model folder for methods listed without =DIR (the latent pipeline)")
     p.add_argument("--steps", type=int, help="sampling steps for diffusion methods")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
@@ -51,19 +53,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def parse_methods(spec: str, default_model: Path | None = None) -> dict[str, Path | None]:
+    """``"identity,latent,artifusion=DIR"`` -> ``{name: model folder}``; names without ``=DIR`` get ``--model``."""
+    methods: dict[str, Path | None] = {}
+    for item in (m.strip() for m in spec.split(",")):
+        if not item:
+            continue
+        name, sep, folder = item.partition("=")
+        if name in methods:
+            raise SystemExit(f"method {name!r} is listed twice in --methods")
+        methods[name] = Path(folder) if sep else default_model
+    return methods
+
+
 def run_methods(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, dict]]:
     """Restore ``--data/corrupted`` with every method into ``OUT/restored/NAME``; returns folders and timings."""
     from experiments.restore import parse_args as restore_args
     from experiments.restore import restore_folder
 
     folders, timings = {}, {}
-    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+    for method, model in parse_methods(args.methods, args.model).items():
         out = args.out / "restored" / method
         argv = ["--method", method, "--images", str(args.data / "corrupted"), "--masks", str(args.data / "masks"),
                 "--out", str(out), "--batch-size", str(args.batch_size), "--seed", str(args.seed),
                 "--device", args.device, "--precision", args.precision, "--mask-convention", args.mask_convention]
-        if args.model is not None:
-            argv += ["--model", str(args.model)]
+        if model is not None:
+            argv += ["--model", str(model)]
         if args.steps is not None and method.startswith("latent"):
             argv += ["--steps", str(args.steps)]
         before = len(list(out.glob("*.png"))) if out.is_dir() else 0
