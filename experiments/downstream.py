@@ -1,0 +1,500 @@
+"""Downstream study: does restoring artifacts give a tissue classifier back its accuracy? (REFERENCE.md section 8)
+
+Trains (or loads) a tissue classifier on clean tiles with a Lightning Trainer, keeping the checkpoint with the best
+VALIDATION accuracy (the authors selected on test, which overstates results). Then, on the held-out test tiles, it
+measures accuracy and macro-F1 on (1) the clean tiles, (2) the same tiles with synthesised artifacts (an
+``ArtifactSynthesizer`` seeded per image, 1-2 artifacts each, at the classifier's input size so they cover a large
+share of the tile) and (3) those tiles restored by each method (``build_restorer``; a method failing on an image
+reports and skips that image, the rest goes on).
+
+Usage::
+
+    # offline proxy task on the bundled H&E (5 classes: which image a tile comes from), a few minutes on 2 CPU cores
+    python -m experiments.downstream --out outputs/downstream --methods identity,telea,ns
+    # with a trained latent restoration pipeline
+    python -m experiments.downstream --out outputs/downstream --methods identity,telea,latent --model outputs/pipe
+    # the paper's data (densenet121, 50 epochs; a GPU is advisable)
+    python -m experiments.downstream --out outputs/crc --data train=NCT-CRC-HE-100K,test=CRC-VAL-HE-7K \\
+        --classifier densenet121 --pretrained true --image-size 224 --epochs 50 --device cuda
+    # reuse a trained classifier
+    python -m experiments.downstream --out outputs/d2 --classifier-checkpoint outputs/downstream/checkpoints/X.ckpt
+
+Writes ``OUT/downstream.json`` (``{"clean": {"accuracy", "macro_f1", "ci95", ...}, "artifact": {...},
+"restored": {METHOD: {...}}, "checkpoint", "selected_on": "val", "labels", "n_test", ...}``; ``ci95`` is the
+percentile-bootstrap 95 % interval of the accuracy and ``macro_f1_ci95`` that of the macro-F1), ``OUT/downstream.md``
+and ``OUT/confusion_<condition>.png``. ``--wandb`` logs the fit and the results (offline unless WANDB_MODE=online).
+"""
+
+import argparse
+import functools
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+log = logging.getLogger("experiments.downstream")
+
+QUICK = {"epochs": 3, "image_size": 64, "caps": {"train": 24, "val": 6, "test": 6}}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line arguments."""
+    p = argparse.ArgumentParser(prog="python -m experiments.downstream", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--data", default="bundled",
+                   help="'bundled' (offline proxy task) or 'train=DIR,test=DIR[,val=DIR]' (one folder per class)")
+    p.add_argument("--classifier-checkpoint", type=Path, help="evaluate this checkpoint instead of training")
+    p.add_argument("--methods", default="identity,telea,ns", help="comma list of registered restoration methods")
+    p.add_argument("--model", type=Path, help="pipeline folder for the latent methods")
+    p.add_argument("--steps", type=int, help="sampling steps for diffusion methods (default: the pipeline's)")
+    p.add_argument("--epochs", type=int, help="training epochs (default 4; 3 with --quick)")
+    p.add_argument("--quick", action="store_true", help="tiny run for tests and smoke checks (about a minute)")
+    p.add_argument("--classifier", default="tf_efficientnet_lite0", help="timm model name")
+    p.add_argument("--pretrained", default="auto",
+                   help="'auto' (bundled ImageNet weights for tf_efficientnet_lite0, else none), 'none', "
+                        "'bundled-efficientnet-lite0', a .pth path, or 'true' (timm download: needs network)")
+    p.add_argument("--no-stain-norm", action="store_true", help="drop the learnable Lab stain layer")
+    p.add_argument("--image-size", type=int, help="classifier input side (default 96 bundled, 224 folders)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=1e-5)
+    p.add_argument("--artifact-resolution", type=int, default=256,
+                   help="synthesise artifacts on the image resized to this side, then resize back, so artifact sizes "
+                        "match the synthesizer's 256 px design whatever the classifier input size (0: at input size)")
+    p.add_argument("--max-test", type=int, help="evaluate only the first N test images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--precision", default="32-true", help="Lightning precision for the fit, e.g. bf16-mixed")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--n-boot", type=int, default=2000)
+    p.add_argument("--wandb", action="store_true", help="log to wandb (offline unless WANDB_MODE=online)")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+
+
+def build_datamodule(args: argparse.Namespace):
+    """The classification data module named by ``--data``."""
+    from datamodules.classification import BundledTissueDataModule, ImageFolderClassificationDataModule
+
+    common = {"batch_size": args.batch_size, "num_workers": args.num_workers, "seed": args.seed}
+    if args.data == "bundled":
+        caps = QUICK["caps"] if args.quick else None
+        size = args.image_size or (QUICK["image_size"] if args.quick else 96)
+        return BundledTissueDataModule(image_size=size, max_per_class=caps, **common)
+    roots = {}
+    for part in args.data.split(","):
+        key, _, value = part.partition("=")
+        if key.strip() not in ("train", "val", "test") or not value:
+            raise SystemExit(f"--data: expected 'bundled' or 'train=DIR,test=DIR[,val=DIR]', got {args.data!r}")
+        roots[key.strip()] = value.strip()
+    if "test" not in roots or ("train" not in roots and args.classifier_checkpoint is None):
+        raise SystemExit(f"--data needs test=DIR and (unless --classifier-checkpoint) train=DIR, got {args.data!r}")
+    return ImageFolderClassificationDataModule(
+        root_train=roots.get("train", roots["test"]), root_val=roots.get("val"), root_test=roots["test"],
+        image_size=args.image_size or 224, **common,
+    )
+
+
+# ------------------------------------------------------------------------------------------------------ classifier
+
+
+def _pretrained(args: argparse.Namespace) -> str | bool:
+    value = args.pretrained
+    if value == "auto":
+        return "bundled-efficientnet-lite0" if args.classifier == "tf_efficientnet_lite0" else False
+    return {"none": False, "false": False, "true": True}.get(value.lower(), value)
+
+
+def _logger(args: argparse.Namespace):
+    if args.wandb:
+        from lightning.pytorch.loggers import WandbLogger
+
+        offline = os.environ.get("WANDB_MODE", "offline") != "online"
+        return WandbLogger(project="latent-artifusion", name=f"downstream-{args.out.name}", save_dir=str(args.out),
+                           offline=offline, job_type="downstream")
+    from lightning.pytorch.loggers import CSVLogger
+
+    return CSVLogger(str(args.out), name="logs")
+
+
+def train_classifier(args: argparse.Namespace, dm, logger) -> tuple[Any, str, dict[str, float]]:
+    """Fit the classifier on the train split; returns (best module, checkpoint path, its val metrics)."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_modules.classifier import TissueClassifierModule
+    from lightning_modules.components.classifiers import build_classifier
+
+    spec = {"name": args.classifier, "num_classes": dm.num_classes, "pretrained": _pretrained(args),
+            "stain_norm": not args.no_stain_norm}
+    net = build_classifier(**spec)
+    module = TissueClassifierModule(
+        net, num_classes=dm.num_classes, class_names=dm.class_names, net_spec=spec,
+        optimizer=functools.partial(torch.optim.AdamW, lr=args.lr, weight_decay=args.weight_decay),
+    )
+    checkpoint = ModelCheckpoint(dirpath=args.out / "checkpoints", filename="classifier-epoch{epoch:02d}",
+                                 monitor="val/acc", mode="max", save_top_k=1, auto_insert_metric_name=False)
+    epochs = args.epochs or (QUICK["epochs"] if args.quick else 4)
+    trainer = L.Trainer(
+        max_epochs=epochs, accelerator="gpu" if args.device.startswith("cuda") else "cpu", devices=1,
+        precision=args.precision, logger=logger, callbacks=[checkpoint], log_every_n_steps=5,
+        num_sanity_val_steps=0, enable_progress_bar=True, deterministic=False,
+    )
+    trainer.fit(module, datamodule=dm)
+    best = checkpoint.best_model_path
+    if not best:
+        raise RuntimeError("training produced no checkpoint (was val/acc logged?)")
+    loaded = TissueClassifierModule.load_for_eval(best)
+    val = {"accuracy": float(checkpoint.best_model_score)}
+    return loaded, best, val
+
+
+def load_classifier(path: Path, dm):
+    """Load a trained classifier and check its classes against the data's."""
+    from lightning_modules.classifier import TissueClassifierModule
+
+    if not path.is_file():
+        raise SystemExit(f"--classifier-checkpoint {path} does not exist")
+    module = TissueClassifierModule.load_for_eval(str(path))
+    if list(module.class_names) != list(dm.class_names):
+        raise SystemExit(f"{path} was trained on classes {module.class_names}, but the data has {dm.class_names}")
+    return module
+
+
+# ------------------------------------------------------------------------------------------------------ statistics
+
+
+def macro_f1(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> float:
+    """Macro-F1 over the classes that occur in labels or predictions (as torchmetrics and sklearn count them)."""
+    cm = confusion(labels, preds, num_classes)
+    tp = np.diag(cm).astype(np.float64)
+    fp, fn = cm.sum(0) - tp, cm.sum(1) - tp
+    present = (tp + fp + fn) > 0
+    if not present.any():
+        return float("nan")
+    return float(np.mean(2 * tp[present] / (2 * tp[present] + fp[present] + fn[present])))
+
+
+def confusion(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
+    """(K, K) counts, rows = true class, columns = predicted class."""
+    return np.bincount(labels * num_classes + preds, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def condition_metrics(labels: np.ndarray, preds: np.ndarray, num_classes: int, *, n_boot: int, seed: int) -> dict:
+    """Accuracy and macro-F1 with percentile-bootstrap 95 % intervals (images resampled with replacement)."""
+    from lightning_modules.metrics.statistics import bootstrap_ci
+
+    labels, preds = np.asarray(labels, np.int64), np.asarray(preds, np.int64)
+    correct = (labels == preds).astype(np.float64)
+    acc, lo, hi, n = bootstrap_ci(correct, n_boot=n_boot, seed=seed)
+    rng = np.random.default_rng(seed)
+    f1s = [macro_f1(labels[idx], preds[idx], num_classes) for idx in rng.integers(0, n, size=(n_boot, n))] if n else []
+    f1_lo, f1_hi = (np.nanquantile(f1s, [0.025, 0.975]).tolist() if n > 1 else [float("nan")] * 2)
+    return {
+        "accuracy": acc, "macro_f1": macro_f1(labels, preds, num_classes) if n else float("nan"), "ci95": [lo, hi],
+        "macro_f1_ci95": [float(f1_lo), float(f1_hi)], "n": n,
+        "confusion_matrix": confusion(labels, preds, num_classes).tolist() if n else [],
+    }
+
+
+# ------------------------------------------------------------------------------------------------------ evaluation
+
+
+def synthesize_at(image: np.ndarray, synthesizer, rng: np.random.Generator, resolution: int):
+    """Synthesise artifacts at ``resolution`` px and bring them back to the image's size.
+
+    Args:
+        image: uint8 (S, S, 3) clean RGB.
+        synthesizer: An ``ArtifactSynthesizer``.
+        rng: The image's generator.
+        resolution: Side at which to synthesise (0 or S: directly on the image).
+
+    Returns:
+        ``(corrupted uint8 (S, S, 3), mask bool (S, S))``; pixels outside the mask equal ``image`` exactly, and the
+        mask holds every pixel an artifact touched.
+    """
+    import cv2
+
+    size = image.shape[0]
+    if resolution in (0, size):
+        res = synthesizer(image, rng)
+        return res.corrupted, res.mask
+    big = cv2.resize(image, (resolution, resolution), interpolation=cv2.INTER_CUBIC)
+    res = synthesizer(big, rng)
+    interp = cv2.INTER_AREA if resolution > size else cv2.INTER_LINEAR
+    bad = cv2.resize(res.corrupted, (size, size), interpolation=interp)
+    mask = cv2.resize(res.mask.astype(np.float32), (size, size), interpolation=interp) > 0
+    return np.where(mask[..., None], bad, image), mask
+
+
+def _restore_batch(restorer, corrupted: torch.Tensor, mask: torch.Tensor, names: list[str], generator, **kwargs):
+    """Restore a batch; on failure retry image by image. Returns (restored or None per image, failures)."""
+    try:
+        out = restorer.restore(corrupted, mask, generator=generator, **kwargs)
+        return [out[i] for i in range(len(names))], []
+    except Exception as err:  # any method may fail; one bad batch must not stop the study
+        log.warning("%s failed on a batch (%s); retrying image by image", restorer.name, err)
+    results, failures = [], []
+    for i, name in enumerate(names):
+        try:
+            results.append(restorer.restore(corrupted[i : i + 1], mask[i : i + 1], generator=generator, **kwargs)[0])
+        except Exception as err:  # report the image and go on
+            log.warning("%s failed on %s: %s", restorer.name, name, err)
+            results.append(None)
+            failures.append({"method": restorer.name, "image": name, "error": f"{type(err).__name__}: {err}"})
+    return results, failures
+
+
+@torch.no_grad()
+def evaluate(module, dataset, restorers: dict, *, args: argparse.Namespace) -> dict[str, Any]:
+    """Predictions for clean, artifact and restored versions of every test image (streamed in batches)."""
+    from tqdm.auto import tqdm
+
+    from datamodules.artifacts import ArtifactSynthesizer
+    from datamodules.datasets import sample_rng, to_mask_tensor, to_tensor
+
+    device = torch.device(args.device)
+    module = module.to(device).eval()
+    synthesizer = ArtifactSynthesizer(min_artifacts=1, max_artifacts=2)
+    n = len(dataset) if args.max_test is None else min(args.max_test, len(dataset))
+    labels, names, coverage = [], [], []
+    preds: dict[str, list] = {"clean": [], "artifact": []}
+    restored = {m: {"labels": [], "preds": []} for m in restorers}
+    failures: list[dict] = []
+    examples: dict[str, np.ndarray] = {}
+
+    def predict(x: torch.Tensor) -> list[int]:
+        return module(x.to(device)).argmax(-1).cpu().tolist()
+
+    bs = args.batch_size
+    for start in tqdm(range(0, n, bs), desc="downstream test", unit="batch"):
+        idx = range(start, min(n, start + bs))
+        clean, corrupted, masks, batch_labels, batch_names = [], [], [], [], []
+        for i in idx:
+            image, label, meta = dataset.read(i)
+            bad, mask = synthesize_at(image, synthesizer, sample_rng(args.seed, "test", i), args.artifact_resolution)
+            clean.append(to_tensor(image))
+            corrupted.append(to_tensor(bad))
+            masks.append(to_mask_tensor(mask))
+            coverage.append(float(mask.mean()))
+            batch_labels.append(label)
+            batch_names.append(meta["name"])
+        clean_t, corrupted_t, mask_t = torch.stack(clean), torch.stack(corrupted), torch.stack(masks)
+        labels += batch_labels
+        names += batch_names
+        preds["clean"] += predict(clean_t)
+        preds["artifact"] += predict(corrupted_t)
+        if start == 0:
+            examples = {"clean": clean_t[:4], "artifact": corrupted_t[:4]}
+        for method, restorer in restorers.items():
+            generator = torch.Generator(device="cpu").manual_seed(args.seed * 100003 + start)
+            extra = {"num_steps": args.steps} if args.steps and hasattr(restorer, "make_sampler") else {}
+            outs, fails = _restore_batch(restorer, corrupted_t.to(device), mask_t.to(device), batch_names, generator,
+                                         **extra)
+            failures += fails
+            ok = [i for i, o in enumerate(outs) if o is not None]
+            if ok:
+                batch = torch.stack([outs[i].float().clamp(-1, 1) for i in ok])
+                restored[method]["preds"] += predict(batch)
+                restored[method]["labels"] += [batch_labels[i] for i in ok]
+                if start == 0 and len(ok) == len(outs):
+                    examples[method] = batch[:4].cpu()
+    return {"labels": labels, "names": names, "preds": preds, "restored": restored, "failures": failures,
+            "coverage": coverage, "examples": examples}
+
+
+# --------------------------------------------------------------------------------------------------------- outputs
+
+
+def plot_confusion(cm: list[list[int]], class_names: list[str], title: str, path: Path) -> None:
+    """Write a confusion-matrix PNG (rows = true class, columns = predicted; counts annotated)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cm = np.asarray(cm) if cm else np.zeros((len(class_names),) * 2, int)
+    k = len(class_names)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * k, 0.8 + 0.6 * k), dpi=120)
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(k), class_names, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(k), class_names, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title, fontsize=8)
+    top = cm.max() if cm.size else 0
+    for r in range(k):
+        for c in range(k):
+            ax.text(c, r, str(cm[r, c]), ha="center", va="center", fontsize=7,
+                    color="white" if top and cm[r, c] > top / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_examples(examples: dict[str, torch.Tensor], path: Path) -> None:
+    """Rows = conditions (clean, artifact, each method), columns = the first test images."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from datamodules.datasets import to_uint8
+
+    rows = list(examples)
+    cols = min(len(v) for v in examples.values())
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.6 * cols, 1.6 * len(rows)), dpi=100, squeeze=False)
+    for r, name in enumerate(rows):
+        images = to_uint8(examples[name][:cols])
+        for c in range(cols):
+            axes[r][c].imshow(images[c])
+            axes[r][c].set_xticks([])
+            axes[r][c].set_yticks([])
+        axes[r][0].set_ylabel(name, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _fmt(m: dict) -> tuple[str, str]:
+    acc = f"{m['accuracy']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]"
+    f1 = f"{m['macro_f1']:.3f} [{m['macro_f1_ci95'][0]:.3f}, {m['macro_f1_ci95'][1]:.3f}]"
+    return acc, f1
+
+
+def write_markdown(result: dict, path: Path) -> None:
+    """The report table with bootstrap 95 % intervals."""
+    lines = [
+        "# Downstream tissue classification: clean vs artifact vs restored",
+        "",
+        f"Classifier checkpoint `{result['checkpoint']}`, selected on **{result['selected_on']}** accuracy "
+        f"(val accuracy {result.get('val', {}).get('accuracy', float('nan')):.3f}).",
+        f"Test images: {result['n_test']}; artifacts per image: 1-2 (mean coverage "
+        f"{result['artifact_coverage']:.1%} of the tile). Intervals: percentile bootstrap, 95 %, "
+        f"{result['n_boot']} resamples of the test images.",
+        "",
+        f"Labels: {result['labels']}",
+        "",
+        "| condition | n | accuracy [95 % CI] | macro-F1 [95 % CI] |",
+        "|---|---:|---|---|",
+    ]
+    rows = [("clean", result["clean"]), ("artifact", result["artifact"])]
+    rows += [(f"restored: {m}", v) for m, v in result["restored"].items()]
+    for name, m in rows:
+        lines.append(f"| {name} | {m['n']} | {' | '.join(_fmt(m))} |")
+    if result["failures"]:
+        lines += ["", f"Restoration failures ({len(result['failures'])} images skipped for their method):", ""]
+        lines += [f"- {f['method']} on {f['image']}: {f['error']}" for f in result["failures"][:50]]
+    lines += ["", "Confusion matrices: " + ", ".join(f"`{p}`" for p in result["figures"]), ""]
+    path.write_text("\n".join(lines))
+
+
+def _json_safe(obj):
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The whole study; returns the content of ``downstream.json``."""
+    from lightning_modules.components.restorer import build_restorer
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    restorers = {}
+    for m in methods:  # build first: a bad method name or missing --model fails before any training
+        restorers[m] = build_restorer(m, model=args.model, device=args.device)
+    dm = build_datamodule(args)
+    dm.setup("fit")
+    logger = _logger(args) if args.classifier_checkpoint is None or args.wandb else None
+    try:
+        if args.classifier_checkpoint is not None:
+            module, ckpt, val = load_classifier(args.classifier_checkpoint, dm), str(args.classifier_checkpoint), {}
+        else:
+            module, ckpt, val = train_classifier(args, dm, logger)
+        start = time.perf_counter()
+        raw = evaluate(module, dm.datasets["test"], restorers, args=args)
+        eval_seconds = time.perf_counter() - start
+        k, stats = dm.num_classes, {"n_boot": args.n_boot, "seed": args.seed}
+        labels = np.asarray(raw["labels"])
+        result: dict[str, Any] = {
+            "clean": condition_metrics(labels, raw["preds"]["clean"], k, **stats),
+            "artifact": condition_metrics(labels, raw["preds"]["artifact"], k, **stats),
+            "restored": {m: condition_metrics(r["labels"], r["preds"], k, **stats) for m, r in raw["restored"].items()},
+            "checkpoint": ckpt,
+            "selected_on": "val",
+            "labels": dm.labels_description,
+            "n_test": len(labels),
+            "class_names": dm.class_names,
+            "val": val,
+            "artifact_coverage": float(np.mean(raw["coverage"])) if raw["coverage"] else float("nan"),
+            "failures": raw["failures"],
+            "n_boot": args.n_boot,
+            "eval_seconds": eval_seconds,
+            "config": {"data": args.data, "classifier": args.classifier, "pretrained": str(_pretrained(args)),
+                       "stain_norm": not args.no_stain_norm, "image_size": dm.image_size, "methods": methods,
+                       "quick": args.quick, "seed": args.seed},
+            "figures": [],
+        }
+        conditions = [("clean", result["clean"]), ("artifact", result["artifact"])]
+        conditions += [(f"restored_{m}", v) for m, v in result["restored"].items()]
+        for name, m in conditions:
+            fig = args.out / f"confusion_{name}.png"
+            title = f"{name}: acc {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f} (n={m['n']})"
+            plot_confusion(m["confusion_matrix"], dm.class_names, title, fig)
+            result["figures"].append(fig.name)
+        if raw["examples"]:
+            plot_examples(raw["examples"], args.out / "examples.png")
+        write_markdown(result, args.out / "downstream.md")
+        result = _json_safe(result)
+        (args.out / "downstream.json").write_text(json.dumps(result, indent=2))
+        if args.wandb and logger is not None:
+            _log_wandb(logger, result, args.out)
+        return result
+    finally:
+        if args.wandb and logger is not None:
+            import wandb
+
+            wandb.finish()
+
+
+def _log_wandb(logger, result: dict, out: Path) -> None:
+    import wandb
+
+    rows = [["clean", result["clean"]["accuracy"], result["clean"]["macro_f1"], result["clean"]["n"]],
+            ["artifact", result["artifact"]["accuracy"], result["artifact"]["macro_f1"], result["artifact"]["n"]]]
+    rows += [[f"restored/{m}", v["accuracy"], v["macro_f1"], v["n"]] for m, v in result["restored"].items()]
+    run = logger.experiment
+    run.log({"downstream/table": wandb.Table(columns=["condition", "accuracy", "macro_f1", "n"], data=rows),
+             **{f"downstream/{fig}": wandb.Image(str(out / fig)) for fig in result["figures"]}})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    result = run(args)
+    rows = {"clean": result["clean"], "artifact": result["artifact"], **result["restored"]}
+    summary = ", ".join(f"{k} {'n/a' if v['accuracy'] is None else format(v['accuracy'], '.3f')}"
+                        for k, v in rows.items())
+    log.info("accuracy on %d test images: %s; wrote %s", result["n_test"], summary, args.out / "downstream.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
