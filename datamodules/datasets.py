@@ -30,12 +30,12 @@ def to_tensor(rgb: np.ndarray) -> torch.Tensor:
 
 
 def to_mask_tensor(mask: np.ndarray) -> torch.Tensor:
-    """bool (H, W) -> float32 (1, H, W) in {0, 1}, 1 = artifact."""
+    """Bool (H, W) -> float32 (1, H, W) in {0, 1}, 1 = artifact."""
     return torch.from_numpy(np.array(mask, dtype=bool, order="C")).to(torch.float32).unsqueeze(0)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """float (B, 3, H, W) or (3, H, W) in [-1, 1] -> uint8 (B, H, W, 3) or (H, W, 3), rounded to nearest."""
+    """Float (B, 3, H, W) or (3, H, W) in [-1, 1] -> uint8 (B, H, W, 3) or (H, W, 3), rounded to nearest."""
     x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
     return x.permute(0, 2, 3, 1).numpy() if x.ndim == 4 else x.permute(1, 2, 0).numpy()
 

@@ -48,7 +48,7 @@ class TileSource(Protocol):
         ...
 
     def tissue(self) -> np.ndarray:
-        """bool (ceil(H / tissue_scale), ceil(W / tissue_scale)) mask, True = tissue."""
+        """Bool (ceil(H / tissue_scale), ceil(W / tissue_scale)) mask, True = tissue."""
         ...
 
 
@@ -106,7 +106,7 @@ class ImageSource:
         return arr[y : y + h, x : x + w].copy()
 
     def tissue(self) -> np.ndarray:
-        """bool (H, W) tissue mask (:func:`tissue_mask`), computed once."""
+        """Bool (H, W) tissue mask (:func:`tissue_mask`), computed once."""
         if self._tissue is None:
             self._tissue = tissue_mask(self._pixels())
         return self._tissue
@@ -246,7 +246,7 @@ class SlideSource:
                               borderMode=cv2.BORDER_REPLICATE)
 
     def tissue(self) -> np.ndarray:
-        """bool (ceil(H / tissue_scale), ceil(W / tissue_scale)) mask from the best-fitting pyramid level."""
+        """Bool (ceil(H / tissue_scale), ceil(W / tissue_scale)) mask from the best-fitting pyramid level."""
         if self._tissue is None:
             slide = self._handle()
             s = self.tissue_scale

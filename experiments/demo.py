@@ -254,9 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     if s.downstream and _has_downstream():
         from experiments import downstream
 
-        stage("downstream classifier study", (*latent_keys, "test_count", "methods"), lambda: downstream.main(
-            ["--out", str(out / "downstream"), "--methods", s.methods, "--model", str(out / "pipeline")]
-            + (["--quick"] if args.quick else [])))
+        downstream_argv = ["--out", str(out / "downstream"), "--methods", methods, "--model", str(out / "pipeline")]
+        stage("downstream classifier study", (*latent_keys, *baseline_keys, "test_count", "methods"),
+              lambda: downstream.main(downstream_argv + (["--quick"] if args.quick else [])))
     report = write_report(out, s, timings, args.quick)
     print(f"[demo] report: {report}")
     return 0

@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", default="bundled",
                    help="'bundled' (offline proxy task) or 'train=DIR,test=DIR[,val=DIR]' (one folder per class)")
     p.add_argument("--classifier-checkpoint", type=Path, help="evaluate this checkpoint instead of training")
-    p.add_argument("--methods", default="identity,telea,ns", help="comma list of registered restoration methods")
+    p.add_argument("--methods", default="identity,telea,ns", help="comma list of registered restoration methods; NAME=DIR gives one its own model folder")
     p.add_argument("--model", type=Path, help="pipeline folder for the latent methods")
     p.add_argument("--steps", type=int, help="sampling steps for diffusion methods (default: the pipeline's)")
     p.add_argument("--epochs", type=int, help="training epochs (default 4; 3 with --quick)")
@@ -411,14 +411,15 @@ def _json_safe(obj):
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The whole study; returns the content of ``downstream.json``."""
-    from lightning_modules.components.restorer import build_restorer
+    from lightning_modules.components.restorer import build_restorer, parse_method_specs
 
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    specs = parse_method_specs(args.methods, args.model)
+    methods = list(specs)
     restorers = {}
-    for m in methods:  # build first: a bad method name or missing --model fails before any training
-        restorers[m] = build_restorer(m, model=args.model, device=args.device)
+    for m, model in specs.items():  # build first: a bad method name or missing --model fails before any training
+        restorers[m] = build_restorer(m, model=model, device=args.device)
     dm = build_datamodule(args)
     dm.setup("fit")
     logger = _logger(args) if args.classifier_checkpoint is None or args.wandb else None

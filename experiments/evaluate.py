@@ -25,6 +25,7 @@ from pathlib import Path
 
 from experiments.report import comparison_grid, markdown_tables, summarize, write_json_atomic
 from experiments.scoring import iter_scores, match_names
+from lightning_modules.components.restorer import parse_method_specs
 
 log = logging.getLogger("experiments.evaluate")
 
@@ -53,26 +54,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def parse_methods(spec: str, default_model: Path | None = None) -> dict[str, Path | None]:
-    """``"identity,latent,artifusion=DIR"`` -> ``{name: model folder}``; names without ``=DIR`` get ``--model``."""
-    methods: dict[str, Path | None] = {}
-    for item in (m.strip() for m in spec.split(",")):
-        if not item:
-            continue
-        name, sep, folder = item.partition("=")
-        if name in methods:
-            raise SystemExit(f"method {name!r} is listed twice in --methods")
-        methods[name] = Path(folder) if sep else default_model
-    return methods
-
-
 def run_methods(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, dict]]:
     """Restore ``--data/corrupted`` with every method into ``OUT/restored/NAME``; returns folders and timings."""
     from experiments.restore import parse_args as restore_args
     from experiments.restore import restore_folder
 
     folders, timings = {}, {}
-    for method, model in parse_methods(args.methods, args.model).items():
+    for method, model in parse_method_specs(args.methods, args.model).items():
         out = args.out / "restored" / method
         argv = ["--method", method, "--images", str(args.data / "corrupted"), "--masks", str(args.data / "masks"),
                 "--out", str(out), "--batch-size", str(args.batch_size), "--seed", str(args.seed),

@@ -108,7 +108,8 @@ def comparison_grid(
     mask_convention: str = "artifact",
 ) -> list[str]:
     """Grid PNG: for each method its worst and best tiles by artifact-region PSNR; columns corrupted | mask | every
-    method | clean. Returns the image names shown."""
+    method | clean. Returns the image names shown.
+    """
     table = table_of(rows)
     picks: list[str] = []
     for method in restored:

@@ -133,7 +133,8 @@ class ArtifactSynthesizer:
 
     def to_config(self) -> dict[str, Any]:
         """Plain-dict description (lists, numbers, strings) with every parameter spelled out; ``from_config``
-        of it rebuilds an identical synthesizer."""
+        of it rebuilds an identical synthesizer.
+        """
         return {
             "types": list(self.types),
             "weights": None if self.weights is None else list(self.weights),

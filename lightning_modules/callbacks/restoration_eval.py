@@ -20,7 +20,6 @@ from lightning.pytorch.loggers import WandbLogger
 
 from datamodules.datasets import to_uint8
 from datamodules.restoration import ArtifactRestorationDataModule
-from lightning_modules.components.pipeline import unet_callable
 from lightning_modules.components.regional_sampler import RegionalSampler, SamplerConfig, restore
 from lightning_modules.components.restorer import build_restorer
 from lightning_modules.components.schedulers import build_scheduler

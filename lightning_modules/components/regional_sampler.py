@@ -31,7 +31,8 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from torch import Tensor
 
-from lightning_modules.components.masks import check_mask, feather as feather_mask, to_latent_mask
+from lightning_modules.components.masks import check_mask, to_latent_mask
+from lightning_modules.components.masks import feather as feather_mask
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +255,8 @@ class RegionalSampler:
 
     def _epsilon(self, output: Tensor, x: Tensor, scheduler: Any) -> Tensor:
         """Model output for ``step``: a 2C-channel (learned-variance) output keeps its variance half only for a
-        DDPM scheduler configured with a learned variance type; otherwise the first C channels are the epsilon."""
+        DDPM scheduler configured with a learned variance type; otherwise the first C channels are the epsilon.
+        """
         channels = x.shape[1]
         if output.shape[0] != x.shape[0] or output.shape[-2:] != x.shape[-2:]:
             raise ValueError(f"denoiser output shape {tuple(output.shape)} does not match x_t {tuple(x.shape)}")

@@ -64,8 +64,27 @@ def _import_builtin_methods() -> None:
     """Import the modules whose decorators register the built-in methods."""
     import lightning_modules.baselines.classical  # noqa: F401
     import lightning_modules.baselines.cyclegan  # noqa: F401
-    import lightning_modules.components.pipeline  # noqa: F401
     import lightning_modules.components.artifusion  # noqa: F401
+    import lightning_modules.components.pipeline  # noqa: F401
+
+
+def parse_method_specs(spec: str, default_model=None) -> dict:
+    """``"identity,latent,artifusion=DIR"`` -> ``{name: model folder or default_model}``.
+
+    A method listed as ``NAME=DIR`` gets its own model folder; a bare name gets ``default_model`` (the CLI's
+    ``--model``), which only model-based methods use.
+    """
+    from pathlib import Path
+
+    methods: dict = {}
+    for item in (m.strip() for m in spec.split(",")):
+        if not item:
+            continue
+        name, sep, folder = item.partition("=")
+        if name in methods:
+            raise ValueError(f"method {name!r} is listed twice in {spec!r}")
+        methods[name] = Path(folder) if sep else default_model
+    return methods
 
 
 def check_batch(corrupted: torch.Tensor, artifact_mask: torch.Tensor) -> None:

@@ -52,7 +52,7 @@ def linear_to_srgb(c: Tensor) -> Tensor:
 
 
 def rgb_to_lab(rgb: Tensor) -> Tensor:
-    """sRGB to CIE Lab (D65).
+    """SRGB to CIE Lab (D65).
 
     Args:
         rgb: float (B, 3, H, W) sRGB in [0, 1].
