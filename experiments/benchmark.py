@@ -1,0 +1,200 @@
+"""Speed and FLOP benchmark of restoration with random weights: latent vs pixel ArtiFusion vs CycleGAN, and training.
+
+Usage:
+    python -m experiments.benchmark                                   # paper sizes, fp32 + bf16, batch 1 and 8
+    python -m experiments.benchmark --config cpu --methods latent,cyclegan --precision bf16 --json bench.json
+    python -m experiments.benchmark --config tiny --batch-sizes 1 --precision fp32 --max-seconds 0.5   # smoke run
+    python -m experiments.benchmark --device cuda --threads 16 --json gpu.json
+
+What it reports, per method x precision x batch size (seconds are medians):
+
+- seconds per tile of a full restore: latent = VAE encode + 50 DDPM steps of the ``repaint`` preset + decode +
+  paste-back; pixel ArtiFusion = RePaint 250 steps, jump 10, 10 resamples (2410 network evaluations) + paste-back;
+  CycleGAN = one generator pass. Each part is timed on its own; when ``fixed + NFE x (eval + sampler step)`` fits
+  ``--max-seconds`` the full restore is run and timed ("measured"), otherwise that estimate is reported
+  ("extrapolated"; e.g. the paper-size pixel model on a CPU);
+- FLOPs per tile from ``FlopCounterMode`` (network evaluation and VAE encode/decode counted separately, total =
+  fixed + NFE x per-eval), achieved FLOP/s and the utilisation of the whole restore, of the network alone and of the
+  VAE alone, against matmul peaks (fp32 and bf16) measured in the same run on the same device and threads;
+- the pixel/latent ratio of seconds per tile (the paper: 30.71 s / 0.83 s on a GPU);
+- denoiser training images/s with and without the latent cache.
+
+Weights are random (timing only). The machine's CPU model, threads and versions are recorded with the results.
+Quote ratios measured in one run; absolute seconds depend on the machine and on its load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from experiments.benchmarking.methods import CONFIGS, METHODS, available_methods, build_bench
+from experiments.benchmarking.records import (
+    EXTRAPOLATE_MODES,
+    add_batch_speedups,
+    add_utilisation,
+    ratio_records,
+    restore_record,
+)
+from experiments.benchmarking.tables import machine_line, peak_table, ratio_table, restore_table, training_table
+from experiments.benchmarking.timing import DTYPES, machine_info, matmul_peak
+from experiments.benchmarking.training import training_records
+
+log = logging.getLogger("experiments.benchmark")
+
+
+def _csv(kind: type, choices: tuple | None = None):
+    def parse(text: str) -> list:
+        values = [kind(v.strip()) for v in text.split(",") if v.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError("expected a comma-separated list")
+        if choices is not None and any(v not in choices for v in values):
+            raise argparse.ArgumentTypeError(f"values must be among {', '.join(map(str, choices))}, got {text!r}")
+        if kind is int and any(v < 1 for v in values):
+            raise argparse.ArgumentTypeError(f"values must be positive, got {text!r}")
+        return values
+
+    return parse
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line arguments."""
+    p = argparse.ArgumentParser(prog="python -m experiments.benchmark", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", type=_csv(str, METHODS), default=None,
+                   help=f"comma-separated subset of {','.join(METHODS)} (default: every available one)")
+    p.add_argument("--config", choices=tuple(CONFIGS), default="paper", help="model sizes (default: paper)")
+    p.add_argument("--precision", type=_csv(str, tuple(DTYPES)), default=["fp32", "bf16"],
+                   help="comma-separated autocast precisions (default: fp32,bf16)")
+    p.add_argument("--batch-sizes", type=_csv(int), default=[1, 8], help="comma-separated batch sizes (default: 1,8)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N]")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch.get_num_threads())")
+    p.add_argument("--max-seconds", type=float, default=30.0,
+                   help="time budget per measurement; a full restore runs only when its estimate fits it (default 30)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls before each measurement (default 1)")
+    p.add_argument("--extrapolate", choices=EXTRAPOLATE_MODES, default="auto",
+                   help="auto: measure full restores that fit --max-seconds; always / never (default auto)")
+    p.add_argument("--train-batch", type=int, default=8, help="batch size of the training throughput (default 8)")
+    p.add_argument("--training", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure denoiser training throughput (default on)")
+    p.add_argument("--peak-size", type=int, default=None,
+                   help="matmul side for the peak (default 2048 on CPU, 8192 on CUDA)")
+    p.add_argument("--json", type=Path, default=None, help="write every record to this JSON file")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be positive")
+    if args.max_seconds < 0 or args.warmup < 0 or args.train_batch < 1:
+        p.error("--max-seconds and --warmup must be >= 0 and --train-batch >= 1")
+    return args
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    """Run every measurement the arguments ask for and return the records (see ``benchmarking/records.py``)."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda asked for, but CUDA is not available")
+    torch.manual_seed(args.seed)
+    geometry = CONFIGS[args.config]
+    records: list[dict] = [{"record": "machine", **machine_info(device)}]
+
+    peak_size = args.peak_size or (8192 if device.type == "cuda" else 2048)
+    peak_seconds = min(2.0, max(args.max_seconds, 0.2))
+    first = measure_peaks(args.precision, device, peak_size, peak_seconds, "start")
+
+    methods, skipped = available_methods(args.methods)
+    records += [{"record": "skipped", "method": m, "reason": why} for m, why in skipped.items()]
+    total = len(methods) * len(args.precision) * len(args.batch_sizes)
+    done = 0
+    for method in methods:
+        start = time.perf_counter()
+        bench = build_bench(method, geometry, device)
+        flops = bench.count_flops()
+        log.info("%s (%s): built and counted in %.1f s; NFE %d, %.3g GFLOP/eval, %.3g GFLOP VAE per tile", method,
+                 args.config, time.perf_counter() - start, bench.nfe, flops["eval"] / 1e9,
+                 (flops["encode"] + flops["decode"]) / 1e9)
+        for precision in args.precision:
+            for batch_size in args.batch_sizes:
+                done += 1
+                start = time.perf_counter()
+                record = restore_record(
+                    bench, config=args.config, precision=precision, batch_size=batch_size, flops=flops,
+                    max_seconds=args.max_seconds, warmup=args.warmup, extrapolate=args.extrapolate,
+                )
+                records.append(record)
+                log.info("[%d/%d] %s %s batch %d: %.4g s/tile (%s, NFE %d) in %.1f s", done, total, method,
+                         precision, batch_size, record["seconds_per_tile"], record["measured_or_extrapolated"],
+                         record["nfe"], time.perf_counter() - start)
+        del bench
+    add_batch_speedups(records)
+    records += ratio_records(records)
+
+    if args.training:
+        if "latent" in methods:
+            records += training_records(geometry, device, config=args.config, precisions=args.precision,
+                                        batch_size=args.train_batch, max_seconds=args.max_seconds,
+                                        warmup=args.warmup)
+        else:
+            log.info("training throughput is measured for the latent denoiser only; --methods has no latent")
+
+    # The peak is measured before and after the work and the higher value used, so that a load burst from another
+    # process during one of the two measurements does not inflate the utilisations.
+    last = measure_peaks(args.precision, device, peak_size, peak_seconds, "end")
+    peaks = {p: max(first[p]["flops_per_second"], last[p]["flops_per_second"]) for p in args.precision}
+    records += [*first.values(), *last.values()]
+    records[0].update(peaks_flops_per_second=peaks, peak_matmul_size=peak_size)
+    add_utilisation(records, peaks)
+    return records
+
+
+def measure_peaks(precisions: list[str], device: torch.device, size: int, seconds: float, when: str) -> dict[str, dict]:
+    """``"peak"`` records (matmul FLOP/s) of every precision, keyed by precision; ``when`` labels the moment."""
+    out = {}
+    for precision in precisions:
+        log.info("matmul peak (%s of run): %s %dx%d on %s", when, precision, size, size, device)
+        out[precision] = {"record": "peak", "when": when, "precision": precision, "size": size, "device": str(device),
+                          "threads": torch.get_num_threads(),
+                          "flops_per_second": matmul_peak(precision, device, size=size, max_seconds=seconds)}
+    return out
+
+
+def report(records: list[dict]) -> str:
+    """The markdown report of a run: machine line, then the restore, ratio, training and peak tables."""
+    parts = [machine_line(records), "", "## Restore (seconds per tile, random weights)", "", restore_table(records)]
+    if any(r.get("record") == "ratio" for r in records):
+        parts += ["", "## Pixel ArtiFusion / latent (seconds per tile)", "", ratio_table(records)]
+    if any(r.get("record") == "training" for r in records):
+        parts += ["", "## Denoiser training throughput", "", training_table(records)]
+    parts += ["", "## Matmul peak (same run)", "", peak_table(records)]
+    skipped = [r for r in records if r.get("record") == "skipped"]
+    if skipped:
+        parts += ["", *(f"skipped {r['method']}: {r['reason']}" for r in skipped)]
+    return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run, print the tables, write ``--json``."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr)
+    args = parse_args(argv)
+    records = run(args)
+    print(report(records), flush=True)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.json.with_name(args.json.name + ".tmp")
+        tmp.write_text(json.dumps(records, indent=2))
+        tmp.replace(args.json)
+        print(f"\nwrote {len(records)} records to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

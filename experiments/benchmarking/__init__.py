@@ -1,0 +1,3 @@
+"""Helpers of ``python -m experiments.benchmark``: timing and FLOP counting, per-method restore and training benches,
+markdown tables. Pure torch/diffusers; the command-line entry point lives in ``experiments/benchmark.py``.
+"""

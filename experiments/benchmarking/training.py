@@ -1,0 +1,128 @@
+"""Denoiser training throughput with and without the latent cache (random weights, random tiles).
+
+One step is what ``LatentDiffusionModule.training_step`` does plus the optimiser: ``model_step`` (encode when the
+batch has no ``latent``, noise at random timesteps, predict epsilon, MSE), backward, gradient clipping at 1.0 (the
+paper's recipe) and an AdamW step, under the chosen autocast precision.
+
+- **with cache**: batches come from a real :class:`datamodules.latents.LatentCacheDataset` (posterior mean and std
+  stored per tile; every sample draws ``mean + std * eps``) through a ``DataLoader``, as in training.
+- **without cache**: batches of clean tiles, which ``model_step`` encodes with the frozen VAE every step. Reading
+  and augmenting the tiles is not included (the tiles are random tensors already in memory), so the difference of the
+  two rows is the VAE encode cost plus the cache's sampling cost.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from experiments.benchmarking.methods import Geometry
+from experiments.benchmarking.timing import autocast, count_flops, measure
+
+log = logging.getLogger(__name__)
+
+
+def _cache_batches(path: Path, batch_size: int) -> Iterator[dict]:
+    """Endless shuffled batches of a latent cache folder."""
+    from datamodules.latents import LatentCacheDataset
+
+    dataset = LatentCacheDataset(path, split="train", seed=0)
+    while True:
+        yield from DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=0)
+
+
+def _write_cache(path: Path, n_tiles: int, latent_shape: tuple[int, int, int]) -> None:
+    """A random latent cache in :func:`datamodules.latents.build_latent_cache`'s payload format (one variant)."""
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(n_tiles, 1, *latent_shape, generator=g).half()
+    std = (torch.rand(n_tiles, 1, *latent_shape, generator=g) * 0.1).half()
+    torch.save({"mean": mean, "std": std, "names": [f"random:{i}:0" for i in range(n_tiles)]}, path / "latents.pt")
+
+
+def training_records(
+    geometry: Geometry,
+    device: torch.device,
+    *,
+    config: str,
+    precisions: list[str],
+    batch_size: int,
+    max_seconds: float,
+    warmup: int,
+) -> list[dict]:
+    """Images per second of denoiser training steps, with and without the latent cache, per precision.
+
+    Args:
+        geometry: Model sizes (``unet`` and ``vae`` presets, tile size).
+        device: Where to train.
+        config: ``--config`` name (for the records).
+        precisions: Autocast precisions to measure.
+        batch_size: Tiles per step.
+        max_seconds: Budget per measurement.
+        warmup: Untimed steps before each measurement.
+
+    Returns:
+        One ``"training"`` record per (precision, cache) pair (utilisation is added by ``records.add_utilisation``).
+    """
+    from lightning_modules.components.autoencoders import LatentCodec, build_autoencoder
+    from lightning_modules.components.denoisers import build_unet
+    from lightning_modules.latent_diffusion import LatentDiffusionModule
+
+    codec = LatentCodec(build_autoencoder(geometry.vae))
+    latent_size = geometry.image_size // codec.factor
+    with warnings.catch_warnings():
+        # save_hyperparameters() notes that the injected denoiser is an nn.Module; irrelevant here (no checkpoint).
+        warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
+        module = LatentDiffusionModule(build_unet(geometry.unet, sample_size=latent_size), autoencoder=None,
+                                       ema_decay=None)
+    module.codec = codec
+    module = module.to(device).train()
+    optimizer = torch.optim.AdamW(module.denoiser.parameters(), lr=1e-4, weight_decay=1e-2)
+    g = torch.Generator().manual_seed(0)
+    clean = (torch.rand(batch_size, 3, geometry.image_size, geometry.image_size, generator=g) * 2 - 1).to(device)
+
+    records = []
+    with tempfile.TemporaryDirectory(prefix="bench_latent_cache_") as tmp:
+        _write_cache(Path(tmp), 4 * batch_size, (codec.latent_channels, latent_size, latent_size))
+        cached = _cache_batches(Path(tmp), batch_size)
+        for precision in precisions:
+            for use_cache in (True, False):
+
+                def step(use_cache: bool = use_cache, precision: str = precision) -> torch.Tensor:
+                    batch = {"latent": next(cached)["latent"].to(device)} if use_cache else {"clean": clean}
+                    optimizer.zero_grad(set_to_none=True)
+                    with autocast(device, precision):
+                        loss = module.model_step(batch)["loss"]
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(module.denoiser.parameters(), 1.0)
+                    optimizer.step()
+                    return loss
+
+                log.info("training: %s batch %d, latent cache %s", precision, batch_size, "on" if use_cache else "off")
+                with autocast(device, precision):
+                    flops = count_flops(step)
+                timing = measure(step, device, max_seconds=max_seconds, warmup=warmup)
+                records.append({
+                    "record": "training",
+                    "method": "latent",
+                    "config": config,
+                    "precision": precision,
+                    "batch_size": batch_size,
+                    "latent_cache": use_cache,
+                    "device": str(device),
+                    "threads": torch.get_num_threads(),
+                    "seconds_per_step": timing.median,
+                    "steps": timing.reps,
+                    "images_per_second": batch_size / timing.median,
+                    "flops_per_step": flops,
+                    "achieved_flops_per_second": flops / timing.median,
+                })
+    for r in records:
+        twin = next(o for o in records if o["precision"] == r["precision"] and o["latent_cache"] != r["latent_cache"])
+        r["cache_speedup"] = (r["images_per_second"] / twin["images_per_second"]) if r["latent_cache"] else 1.0
+    return records

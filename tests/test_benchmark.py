@@ -1,0 +1,110 @@
+"""End-to-end checks of ``python -m experiments.benchmark`` at tiny sizes: record layout, NFE, labels, FLOP split.
+
+These are not timing tests: the budgets are tiny and no value of a timing is asserted, only that it is positive.
+"""
+
+import contextlib
+import io
+import json
+
+import pytest
+
+from experiments import benchmark
+from experiments.benchmarking.methods import available_methods
+
+TINY = ["--config", "tiny", "--batch-sizes", "1", "--precision", "fp32", "--max-seconds", "0.02", "--warmup", "1",
+        "--threads", "1", "--peak-size", "256", "--train-batch", "2"]
+EXPECTED_NFE = {"latent": 50, "artifusion": 2410, "cyclegan": 1}
+RESTORE_KEYS = {"method", "config", "precision", "batch_size", "seconds_per_tile", "nfe", "measured_or_extrapolated",
+                "flops_per_tile", "utilisation", "device"}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One tiny run of every available method; returns (records from the JSON file, printed report)."""
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert benchmark.main([*TINY, "--json", str(out)]) == 0
+    return json.loads(out.read_text()), stdout.getvalue()
+
+
+def _restore(records):
+    return {r["method"]: r for r in records if r["record"] == "restore"}
+
+
+def test_json_is_well_formed(run):
+    records, _ = run
+    assert isinstance(records, list) and all(isinstance(r, dict) and "record" in r for r in records)
+    machines = [r for r in records if r["record"] == "machine"]
+    assert len(machines) == 1
+    machine = machines[0]
+    assert machine["cpu_model"] and machine["threads"] == 1 and machine["torch"]
+    assert machine["peaks_flops_per_second"]["fp32"] > 0
+    peaks = [r for r in records if r["record"] == "peak"]
+    assert {r["when"] for r in peaks} == {"start", "end"} and all(r["flops_per_second"] > 0 for r in peaks)
+
+
+def test_every_available_method_has_a_record_with_the_right_nfe_and_label(run):
+    records, _ = run
+    runnable, skipped = available_methods()
+    restore = _restore(records)
+    assert set(restore) == set(runnable) and "latent" in restore
+    assert {r["method"] for r in records if r["record"] == "skipped"} == set(skipped)
+    for method, r in restore.items():
+        assert RESTORE_KEYS <= set(r), RESTORE_KEYS - set(r)
+        assert r["nfe"] == EXPECTED_NFE[method]
+        assert r["measured_or_extrapolated"] in ("measured", "extrapolated")
+        assert r["config"] == "tiny" and r["precision"] == "fp32" and r["batch_size"] == 1 and r["device"] == "cpu"
+        assert r["seconds_per_tile"] > 0 and r["utilisation"] > 0 and r["network_utilisation"] > 0
+        assert r["parts_seconds_per_tile"]["eval"] > 0
+    if "artifusion" in restore:
+        # 2410 tiny evaluations cannot fit a 0.02 s budget: the time is the extrapolation fixed + NFE x per-eval.
+        r = restore["artifusion"]
+        assert r["measured_or_extrapolated"] == "extrapolated"
+        assert r["seconds_per_tile"] == pytest.approx(r["estimate_seconds_per_tile"])
+    if "cyclegan" in restore:
+        assert restore["cyclegan"]["measured_or_extrapolated"] == "measured"
+
+
+def test_flops_split_adds_up(run):
+    records, _ = run
+    for method, r in _restore(records).items():
+        assert r["flops_per_eval_per_tile"] > 0
+        assert r["flops_fixed_per_tile"] == r["flops_vae_encode_per_tile"] + r["flops_vae_decode_per_tile"]
+        assert r["flops_per_tile"] == r["flops_fixed_per_tile"] + r["nfe"] * r["flops_per_eval_per_tile"]
+        if method == "latent":
+            assert r["flops_vae_encode_per_tile"] > 0 and r["flops_vae_decode_per_tile"] > 0
+            assert r["vae_utilisation"] > 0 and r["vae_params"] > 0
+        else:
+            assert r["flops_fixed_per_tile"] == 0 and r["vae_utilisation"] is None
+
+
+def test_ratio_training_and_tables(run):
+    records, printed = run
+    restore = _restore(records)
+    ratios = [r for r in records if r["record"] == "ratio"]
+    if "artifusion" in restore:
+        (ratio,) = ratios
+        assert ratio["ratio"] == pytest.approx(
+            restore["artifusion"]["seconds_per_tile"] / restore["latent"]["seconds_per_tile"])
+    training = [r for r in records if r["record"] == "training"]
+    assert sorted(r["latent_cache"] for r in training) == [False, True]
+    assert all(r["images_per_second"] > 0 and r["flops_per_step"] > 0 and r["batch_size"] == 2 for r in training)
+    for title in ("## Restore", "## Denoiser training throughput", "## Matmul peak", "| method | config |"):
+        assert title in printed
+
+
+def test_full_restore_is_measured_when_asked(tmp_path, capsys):
+    out = tmp_path / "latent.json"
+    benchmark.main([*TINY, "--methods", "latent", "--no-training", "--extrapolate", "never", "--json", str(out)])
+    (r,) = _restore(json.loads(out.read_text())).values()
+    assert r["measured_or_extrapolated"] == "measured" and r["full_restore_reps"] >= 1 and r["nfe"] == 50
+    assert "## Restore" in capsys.readouterr().out
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--methods", "latent,nope"])
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--batch-sizes", "0"])
