@@ -177,3 +177,26 @@ def test_evaluate_score_mode_reports_mismatches(evalset, tmp_path):
     assert summary["images"] == 3
     assert any("missing" in s["reason"] for s in summary["skipped"])
     assert summary["metrics"]["mine"]["artifact"]["psnr"]["n"] == 2
+
+
+def test_evaluate_reports_non_binary_and_counts_empty_masks(evalset, tmp_path):
+    import cv2
+
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for i, p in enumerate(sorted((evalset / "masks").iterdir())):
+        m = read_image(p)[..., 0]
+        if i == 0:
+            m = np.where(m > 0, 128, 0).astype(np.uint8)  # not a 0/255 mask
+        elif i == 1:
+            m = np.zeros_like(m)  # an empty mask: nothing to restore
+        cv2.imwrite(str(masks / p.name), m)
+    out = tmp_path / "eval"
+    evaluate.main(["--clean", str(evalset / "clean"), "--masks", str(masks),
+                   "--restored", f"id={evalset / 'corrupted'}", "--out", str(out)])
+    summary = json.loads((out / "summary.json").read_text())
+    reasons = " ".join(s["reason"] for s in summary["skipped"])
+    assert "t0" in " ".join(s["file"] for s in summary["skipped"]) and "128" in reasons
+    art = summary["metrics"]["id"]["artifact"]["psnr"]
+    assert art["n"] == 1 and art["n_empty"] == 1, "the empty mask is counted, not scored as 0"
+    assert summary["metrics"]["id"]["whole"]["psnr"]["n"] == 2
