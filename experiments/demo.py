@@ -1,5 +1,7 @@
-"""The suite's main job on real offline H&E: gallery -> train VAE -> latent cache -> train latent denoiser -> export
-pipeline -> synthesise a held-out test set -> restore with every method -> compare report.
+"""The suite's main job, end to end on real offline H&E.
+
+Gallery -> train VAE -> latent cache -> train latent denoiser -> export pipeline -> synthesise a held-out test set ->
+restore with every method -> compare report.
 
     python -m experiments.demo            # about 15 minutes on 2 CPU cores (`make demo`)
     python -m experiments.demo --quick    # about 2-3 minutes, a smoke test of every stage
@@ -105,7 +107,8 @@ def train_latent(out: Path, s: DemoSettings) -> "object":
         f"--model.init_args.autoencoder={out / 'vae'}", f"--data.init_args.autoencoder={out / 'vae'}",
         f"--data.init_args.cache_dir={out / 'latent_cache'}", f"--data.init_args.variants={s.cache_variants}",
         f"--data.init_args.batch_size={s.latent_batch}",
-        f"--trainer.max_steps={s.latent_steps}", "--trainer.max_epochs=-1", f"--trainer.default_root_dir={out / 'runs'}",
+        f"--trainer.max_steps={s.latent_steps}", "--trainer.max_epochs=-1",
+        f"--trainer.default_root_dir={out / 'runs'}",
         "--trainer.logger.init_args.save_dir", str(out / "runs"), "--trainer.logger.init_args.name=demo-latent",
     ])
     return cli.model
@@ -168,7 +171,8 @@ def write_report(out: Path, s: DemoSettings, timings: dict[str, float], quick: b
     eval_md = (out / "eval" / "report.md").read_text().replace("](grid.png)", "](eval/grid.png)")
     eval_md = eval_md.replace("# Restoration comparison", "## Restoration comparison on the held-out test set", 1)
     lines = [
-        "# LatentArtiFusion suite: demo report" + (" (--quick: smoke test, numbers are not meaningful)" if quick else ""),
+        "# LatentArtiFusion suite: demo report"
+        + (" (--quick: smoke test, numbers are not meaningful)" if quick else ""),
         "",
         "Real H&E from the offline sample packages (OpenSlide CMU-1-Small-Region, HistoQC templates); artifacts are "
         "synthesised with exact masks; models are CPU-sized and trained for minutes, so absolute quality is far "
@@ -227,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[demo] {name}: {timings[name]:.1f} s", flush=True)
 
     from datamodules import gallery, synthesize
-    from experiments import evaluate
+    from experiments import downstream, evaluate
 
     stage("gallery", (), lambda: gallery.main(["--out", str(out / "gallery.png"), "--columns", "4"]))
     stage("train VAE", ("vae_tile", "vae_steps", "vae_batch"), lambda: train_vae(out, s))
@@ -251,21 +255,17 @@ def main(argv: list[str] | None = None) -> int:
 
     baseline_keys = ("baselines", "artifusion_steps", "artifusion_sample_steps", "cyclegan_epochs", "cyclegan_batches")
     stage("restore + evaluate", (*latent_keys, *baseline_keys, "test_count", "methods"), restore_and_evaluate)
-    if s.downstream and _has_downstream():
-        from experiments import downstream
-
+    if s.downstream:
         downstream_argv = ["--out", str(out / "downstream"), "--methods", methods, "--model", str(out / "pipeline")]
-        stage("downstream classifier study", (*latent_keys, *baseline_keys, "test_count", "methods"),
-              lambda: downstream.main(downstream_argv + (["--quick"] if args.quick else [])))
+
+        def study() -> None:
+            downstream.main(downstream_argv + (["--quick"] if args.quick else []))
+            shutil.copyfile(out / "downstream" / "downstream.json", out / "downstream.json")
+
+        stage("downstream classifier study", (*latent_keys, *baseline_keys, "test_count", "methods"), study)
     report = write_report(out, s, timings, args.quick)
     print(f"[demo] report: {report}")
     return 0
-
-
-def _has_downstream() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("experiments.downstream") is not None
 
 
 if __name__ == "__main__":
