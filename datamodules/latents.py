@@ -33,7 +33,10 @@ CACHE_VERSION = 1
 
 
 def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Variant ``k`` in 0..7 of the dihedral group on the last two dims: ``k % 4`` quarter turns, then a flip if k>=4."""
+    """Variant ``k`` in 0..7 of the dihedral group on the last two dims.
+
+    ``k % 4`` quarter turns, then a flip of the last dim if ``k >= 4``; works on any tensor with >= 2 dims.
+    """
     y = torch.rot90(x, k % 4, dims=(-2, -1))
     return torch.flip(y, dims=(-1,)) if k >= 4 else y
 

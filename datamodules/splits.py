@@ -119,7 +119,7 @@ def split_regions(
             s = tissue_scale
             weights = np.array([tissue[b[1] // s : -(-b[3] // s), b[0] // s : -(-b[2] // s)].sum() for b in boxes],
                                dtype=float)
-        for box, name in zip(boxes, _deal(weights, fr, rng)):
+        for box, name in zip(boxes, _deal(weights, fr, rng), strict=True):
             last = out[name][-1] if out[name] else None
             if last is not None and last[1] == box[1] and last[2] == box[0]:  # same row, adjacent: merge
                 out[name][-1] = (last[0], last[1], box[2], box[3])
@@ -131,7 +131,7 @@ def split_regions(
     order = [active[i] for i in rng.permutation(len(active))]
     cum = np.cumsum([0.0] + [fr[k] for k in order])
     cuts = [round(c * length) for c in cum]
-    for name, a, b in zip(order, cuts[:-1], cuts[1:]):
+    for name, a, b in zip(order, cuts[:-1], cuts[1:], strict=True):
         if b > a:
             out[name].append((a, 0, b, h) if horizontal else (0, a, w, b))
     return out
@@ -159,7 +159,7 @@ def assign_regions(
     out: list[dict[str, list[Box]]] = [{} for _ in sources]
     if len(small) >= len(active):
         weights = np.array([float(sources[i].tissue().sum()) for i in small])
-        for i, name in zip(small, _deal(weights, fr, np.random.default_rng(seed))):
+        for i, name in zip(small, _deal(weights, fr, np.random.default_rng(seed)), strict=True):
             h, w = sources[i].shape()
             out[i] = {k: ([(0, 0, w, h)] if k == name else []) for k in fr}
     for i, src in enumerate(sources):
@@ -202,7 +202,9 @@ def tiles_for_split(
         raise ValueError(f"unknown split {split!r}; expected one of {sorted(fractions)}")
     block = max(512, 2 * size) if block is None else block
     out: list[tuple[int, TileRef]] = []
-    for i, (src, regions) in enumerate(zip(sources, assign_regions(sources, fractions, block=block, seed=seed))):
+    for i, (src, regions) in enumerate(
+        zip(sources, assign_regions(sources, fractions, block=block, seed=seed), strict=True)
+    ):
         tissue = src.tissue()
         for region in regions[split]:
             refs = grid_tiles(tissue, size=size, stride=stride, min_tissue=min_tissue, region=region,

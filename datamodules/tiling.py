@@ -143,5 +143,6 @@ def grid_tiles(
     frac = count / area
     keep_r, keep_c = np.nonzero(frac >= min_tissue)
     return [
-        TileRef(source, int(xs[c]), int(ys[r]), size, float(frac[r, c]), level) for r, c in zip(keep_r, keep_c)
+        TileRef(source, int(xs[c]), int(ys[r]), size, float(frac[r, c]), level)
+        for r, c in zip(keep_r, keep_c, strict=True)
     ]

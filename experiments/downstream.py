@@ -1,4 +1,4 @@
-"""Downstream study: does restoring artifacts give a tissue classifier back its accuracy? (REFERENCE.md section 8)
+r"""Downstream study: does restoring artifacts give a tissue classifier back its accuracy? (REFERENCE.md section 8).
 
 Trains (or loads) a tissue classifier on clean tiles with a Lightning Trainer, keeping the checkpoint with the best
 VALIDATION accuracy (the authors selected on test, which overstates results). Then, on the held-out test tiles, it
@@ -14,7 +14,7 @@ Usage::
     # with a trained latent restoration pipeline
     python -m experiments.downstream --out outputs/downstream --methods identity,telea,latent --model outputs/pipe
     # the paper's data (densenet121, 50 epochs; a GPU is advisable)
-    python -m experiments.downstream --out outputs/crc --data train=NCT-CRC-HE-100K,test=CRC-VAL-HE-7K \\
+    python -m experiments.downstream --out outputs/crc --data train=NCT-CRC-HE-100K,test=CRC-VAL-HE-7K \
         --classifier densenet121 --pretrained true --image-size 224 --epochs 50 --device cuda
     # reuse a trained classifier
     python -m experiments.downstream --out outputs/d2 --classifier-checkpoint outputs/downstream/checkpoints/X.ckpt
@@ -52,7 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", default="bundled",
                    help="'bundled' (offline proxy task) or 'train=DIR,test=DIR[,val=DIR]' (one folder per class)")
     p.add_argument("--classifier-checkpoint", type=Path, help="evaluate this checkpoint instead of training")
-    p.add_argument("--methods", default="identity,telea,ns", help="comma list of registered restoration methods; NAME=DIR gives one its own model folder")
+    p.add_argument("--methods", default="identity,telea,ns",
+                   help="comma list of registered restoration methods; NAME=DIR gives one its own model folder")
     p.add_argument("--model", type=Path, help="pipeline folder for the latent methods")
     p.add_argument("--steps", type=int, help="sampling steps for diffusion methods (default: the pipeline's)")
     p.add_argument("--epochs", type=int, help="training epochs (default 4; 3 with --quick)")

@@ -1,11 +1,12 @@
-"""Evaluate restoration methods with standard region-wise metrics and write a comparison report.
+r"""Evaluate restoration methods with standard region-wise metrics and write a comparison report.
 
 Two modes:
 
     # score folders you already have (any method, any tool)
     python -m experiments.evaluate --clean C/ --masks M/ --restored latent=R1/ telea=R2/ --out OUT
     # run registered methods on an evaluation set (a `datamodules.synthesize` output or real triplets), then score
-    python -m experiments.evaluate --data EVALSET --methods identity,telea,latent --model outputs/demo/pipeline --out OUT
+    python -m experiments.evaluate --data EVALSET --methods identity,telea,latent \
+        --model outputs/demo/pipeline --out OUT
 
 Writes ``OUT/metrics.csv`` (long form: method,image,region,metric,value; regions whole/artifact/clean/boundary,
 metrics l2/mse/psnr/ssim/fsim), ``OUT/summary.json`` (means, 95 % bootstrap intervals, paired differences against
@@ -131,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     methods = list(restored)
     summary = summarize(rows, methods, seed=args.seed)
     summary.update({"timings": timings, "skipped": [{"file": f, "reason": r} for f, r in skipped],
-                    "images": len(names), "mode": "standard" + (" + paper-compatible" if args.paper_compatible else "")})
+                    "images": len(names),
+                    "mode": "standard" + (" + paper-compatible" if args.paper_compatible else "")})
     write_json_atomic(args.out / "summary.json", summary)
     shown = comparison_grid(args.out / "grid.png", clean=clean, masks=masks, corrupted=corrupted, restored=restored,
                             rows=rows, mask_convention=args.mask_convention)
@@ -154,7 +156,9 @@ def render_report(title: str, summary: dict, shown: list[str]) -> str:
                   "|---|---|---|---|---|---|"]
         for m, t in summary["timings"].items():
             spt = "n/a" if t["seconds_per_tile"] is None else f"{t['seconds_per_tile']:.3f}"
-            lines.append(f"| {m} | {spt} | {t['nfe_per_tile']} | {t['device']} | {t['precision']} | {t['batch_size']} |")
+            lines.append(
+                f"| {m} | {spt} | {t['nfe_per_tile']} | {t['device']} | {t['precision']} | {t['batch_size']} |"
+            )
     if summary.get("skipped"):
         lines += ["", f"#### skipped ({len(summary['skipped'])})", ""]
         lines += [f"- `{s['file']}`: {s['reason']}" for s in summary["skipped"]]

@@ -107,8 +107,9 @@ def comparison_grid(
     per_method: int = 2,
     mask_convention: str = "artifact",
 ) -> list[str]:
-    """Grid PNG: for each method its worst and best tiles by artifact-region PSNR; columns corrupted | mask | every
-    method | clean. Returns the image names shown.
+    """Grid PNG: for each method its worst and best tiles by artifact-region PSNR.
+
+    Columns are corrupted | mask | every method | clean. Returns the image names shown.
     """
     table = table_of(rows)
     picks: list[str] = []

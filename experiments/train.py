@@ -1,4 +1,4 @@
-"""Train any LightningModule of this suite with LightningCLI (the denoiser, the autoencoder, baselines).
+r"""Train any LightningModule of this suite with LightningCLI (the denoiser, the autoencoder, baselines).
 
 Configs compose by repeating ``--config`` (later files override earlier ones); every key is validated against the
 constructors' signatures and ``--print_config`` shows the dotted names that sweeps and overrides use.
@@ -6,11 +6,11 @@ constructors' signatures and ``--print_config`` shows the dotted names that swee
 Usage::
 
     # 1. train (or fine-tune) the autoencoder on clean tiles, then export it with AutoencoderModule.export
-    python -m experiments.train fit --config experiments/configs/base.yaml \\
+    python -m experiments.train fit --config experiments/configs/base.yaml \
         --config experiments/configs/model/vae_cpu.yaml --config experiments/configs/data/bundled.yaml
     # 2. train the latent denoiser on the exported autoencoder
-    python -m experiments.train fit --config experiments/configs/base.yaml \\
-        --config experiments/configs/model/latent_cpu.yaml --config experiments/configs/data/bundled.yaml \\
+    python -m experiments.train fit --config experiments/configs/base.yaml \
+        --config experiments/configs/model/latent_cpu.yaml --config experiments/configs/data/bundled.yaml \
         --model.init_args.autoencoder outputs/vae_cpu
     # resume exactly (optimizer, EMA, step counters) from the last checkpoint
     python -m experiments.train fit --config ... --ckpt_path outputs/checkpoints/last.ckpt

@@ -156,7 +156,7 @@ def test_jumps_revisit_timesteps_and_keep_known_region(name):
     out, sampler = _run(name, z=z, mask=mask, denoiser=rec, num_steps=6, jump_length=2, jump_n_sample=2)
     ts = sampler.timesteps()
     levels = resample_schedule(6, 2, 2)
-    assert rec.ts == [ts[a] for a, b in zip(levels, levels[1:]) if b == a + 1]
+    assert rec.ts == [ts[a] for a, b in zip(levels, levels[1:], strict=False) if b == a + 1]
     assert sampler.nfe == 6 + 2 * 1 * 2  # jump levels 6 and 4
     keep = ~mask.bool().expand_as(z)
     assert torch.equal(out[keep], z[keep]) and torch.isfinite(out).all()

@@ -106,7 +106,7 @@ class ArtifactSpec(abc.ABC):
         cast = int if integer else float
         return (cast(pair[0]), cast(pair[1]))
 
-    def validate(self) -> None:
+    def validate(self) -> None:  # noqa: B027 - optional hook: the default accepts everything, so not abstract
         """Check the non-range parameters; raise ValueError naming the bad one. Subclasses override."""
 
     def draw(self, rng: np.random.Generator, name: str) -> float:

@@ -108,11 +108,27 @@ class InkSpec(ArtifactSpec):
     edge_softness: float = 1.5
 
     def validate(self) -> None:
+        """Check and normalise the non-range parameters.
+
+        Raises:
+            ValueError: ``colors`` is empty or holds an entry that is neither in ``INK_COLORS`` nor an RGB triple in
+                0..255, ``opacity_jitter`` or ``touch_border`` is outside [0, 1], or ``edge_softness`` is not > 0.
+        """
         _check_colors(self, INK_COLORS)
         check_unit(self, "opacity_jitter", "touch_border")
         check_positive(self, "edge_softness")
 
     def render(self, image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Draw random pen strokes of one colour and add their ink absorbance to the tile.
+
+        Args:
+            image: uint8 (H, W, 3) RGB tile (not modified).
+            rng: random generator, the only source of randomness.
+
+        Returns:
+            ``(out, support)``: float32 (H, W, 3) unrounded result in 0..255 (valid only inside the support, 0
+            elsewhere) and bool (H, W) pixels under the (anti-aliased) strokes.
+        """
         h, w = image.shape[:2]
         ink_od = _pick_color(self, INK_COLORS, rng)
         alpha = np.zeros((h, w), np.float32)
@@ -155,10 +171,26 @@ class ThreadSpec(ArtifactSpec):
     touch_border: float = 0.85
 
     def validate(self) -> None:
+        """Check and normalise the non-range parameters.
+
+        Raises:
+            ValueError: ``colors`` is empty or holds an entry that is neither in ``THREAD_COLORS`` nor an RGB triple
+                in 0..255, or ``texture`` or ``touch_border`` is outside [0, 1].
+        """
         _check_colors(self, THREAD_COLORS)
         check_unit(self, "texture", "touch_border")
 
     def render(self, image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Draw random threads (each its own colour) and add their striated absorbance to the tile.
+
+        Args:
+            image: uint8 (H, W, 3) RGB tile (not modified).
+            rng: random generator, the only source of randomness.
+
+        Returns:
+            ``(out, support)``: float32 (H, W, 3) unrounded result in 0..255 (valid only inside the support, 0
+            elsewhere) and bool (H, W) pixels covered by at least one thread.
+        """
         h, w = image.shape[:2]
         support = np.zeros((h, w), bool)
         layers = []
@@ -213,11 +245,27 @@ class DebrisSpec(ArtifactSpec):
     edge_softness: float = 0.8
 
     def validate(self) -> None:
+        """Check and normalise the non-range parameters.
+
+        Raises:
+            ValueError: ``colors`` is empty or holds an entry that is neither in ``DEBRIS_COLORS`` nor an RGB triple
+                in 0..255, ``irregularity`` is outside [0, 1], or ``edge_softness`` is not > 0.
+        """
         _check_colors(self, DEBRIS_COLORS)
         check_unit(self, "irregularity")
         check_positive(self, "edge_softness")
 
     def render(self, image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Scatter random specks of one colour over the tile and add their absorbance.
+
+        Args:
+            image: uint8 (H, W, 3) RGB tile (not modified).
+            rng: random generator, the only source of randomness.
+
+        Returns:
+            ``(out, support)``: float32 (H, W, 3) unrounded result in 0..255 (valid only inside the support, 0
+            elsewhere) and bool (H, W) pixels covered by the (feathered) specks.
+        """
         h, w = image.shape[:2]
         debris_od = _pick_color(self, DEBRIS_COLORS, rng)
         polygons, opacities = [], []

@@ -120,8 +120,10 @@ class ArtifactSynthesizer:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "ArtifactSynthesizer":
-        """Build from a plain dict (e.g. a YAML section) with keys ``types``, ``weights``, ``min_artifacts``,
-        ``max_artifacts``, ``params`` (all optional).
+        """Build from a plain dict (e.g. a YAML section).
+
+        Args:
+            config: keys ``types``, ``weights``, ``min_artifacts``, ``max_artifacts``, ``params`` (all optional).
 
         Raises:
             ValueError: for an unknown key, listing the valid ones.
@@ -132,8 +134,9 @@ class ArtifactSynthesizer:
         return cls(**dict(config))
 
     def to_config(self) -> dict[str, Any]:
-        """Plain-dict description (lists, numbers, strings) with every parameter spelled out; ``from_config``
-        of it rebuilds an identical synthesizer.
+        """Plain-dict description (lists, numbers, strings) with every parameter spelled out.
+
+        ``from_config`` of it rebuilds an identical synthesizer.
         """
         return {
             "types": list(self.types),

@@ -210,7 +210,7 @@ def fill_polygons(height: int, width: int, polygons: list[np.ndarray], values: l
     """
     canvas = np.zeros((height, width), dtype=np.uint8)
     values = [1.0] * len(polygons) if values is None else values
-    for poly, value in zip(polygons, values):
+    for poly, value in zip(polygons, values, strict=False):
         pts = np.round(poly * _SCALE).astype(np.int32)
         cv2.fillPoly(canvas, [pts], color=int(round(255 * value)), lineType=cv2.LINE_AA, shift=_SHIFT)
     return canvas.astype(np.float32) / 255.0

@@ -63,10 +63,26 @@ class FoldSpec(ArtifactSpec):
     edge_softness: float = 3.0
 
     def validate(self) -> None:
+        """Check the non-range parameters.
+
+        Raises:
+            ValueError: ``width_jitter`` or ``touch_border`` is outside [0, 1], or ``edge_softness`` is not > 0.
+        """
         check_unit(self, "width_jitter", "touch_border")
         check_positive(self, "edge_softness")
 
     def render(self, image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Draw random fold bands and stack a shifted, mirrored, defocused copy of the tissue inside them.
+
+        Args:
+            image: uint8 (H, W, 3) RGB tile (not modified).
+            rng: random generator, the only source of randomness.
+
+        Returns:
+            ``(out, support)``: float32 (H, W, 3) unrounded result in 0..255 (valid only inside the support, 0
+            elsewhere) and bool (H, W) pixels inside the bands; all zeros and an empty support when no band lands on
+            the tile (``apply`` then draws again).
+        """
         h, w = image.shape[:2]
         curves = [random_curve(rng, h, w, rng.random() < self.touch_border) for _ in range(self.draw(rng, "count"))]
         dist, nearest = centerline_distance(h, w, curves, nearest=True)
@@ -122,6 +138,16 @@ class BubbleSpec(ArtifactSpec):
     magnification: tuple[float, float] = range_field((1.03, 1.12), 1.0, 4.0)
 
     def render(self, image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Draw one bubble: a magnified, washed-out interior inside a dark refractive rim.
+
+        Args:
+            image: uint8 (H, W, 3) RGB tile (not modified).
+            rng: random generator, the only source of randomness.
+
+        Returns:
+            ``(out, support)``: float32 (H, W, 3) unrounded result in 0..255 (valid only inside the support, 0
+            elsewhere) and bool (H, W) pixels of the bubble and its rim (the ellipse grown by one rim width).
+        """
         h, w = image.shape[:2]
         major = self.draw(rng, "radius")
         minor = major * self.draw(rng, "aspect")
@@ -181,10 +207,25 @@ class BlurSpec(ArtifactSpec):
     edge_softness: float = 6.0
 
     def validate(self) -> None:
+        """Check the non-range parameters.
+
+        Raises:
+            ValueError: ``irregularity`` is outside [0, 1] or ``edge_softness`` is not > 0.
+        """
         check_unit(self, "irregularity")
         check_positive(self, "edge_softness")
 
     def render(self, image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Draw one feathered blob and blend a Gaussian-blurred copy of the tile into it.
+
+        Args:
+            image: uint8 (H, W, 3) RGB tile (not modified).
+            rng: random generator, the only source of randomness.
+
+        Returns:
+            ``(out, support)``: float32 (H, W, 3) unrounded result in 0..255 (valid only inside the support, 0
+            elsewhere) and bool (H, W) pixels inside the feathered blob.
+        """
         h, w = image.shape[:2]
         alpha = _blob_alpha(self, rng, h, w, self.edge_softness)
         support = alpha > 0
@@ -242,12 +283,28 @@ class StainSpec(ArtifactSpec):
     edge_softness: float = 10.0
 
     def validate(self) -> None:
+        """Check the non-range parameters.
+
+        Raises:
+            ValueError: ``irregularity`` is outside [0, 1], ``edge_softness`` is not > 0, or ``mode`` / ``target``
+                is not one of ``STAIN_MODES`` / ``STAIN_TARGETS``.
+        """
         check_unit(self, "irregularity")
         check_positive(self, "edge_softness")
         check_choice(self, "mode", STAIN_MODES)
         check_choice(self, "target", STAIN_TARGETS)
 
     def render(self, image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Draw one feathered blotch and scale the chosen stain concentrations inside it (colour deconvolution).
+
+        Args:
+            image: uint8 (H, W, 3) RGB tile (not modified).
+            rng: random generator, the only source of randomness.
+
+        Returns:
+            ``(out, support)``: float32 (H, W, 3) unrounded result in 0..255 (valid only inside the support, 0
+            elsewhere) and bool (H, W) pixels inside the feathered blotch.
+        """
         h, w = image.shape[:2]
         alpha = _blob_alpha(self, rng, h, w, self.edge_softness)
         support = alpha > 0

@@ -1,5 +1,7 @@
-"""Non-learned restorers: identity (the corrupted input itself) and OpenCV inpainting (Telea 2004; Navier-Stokes,
-Bertalmio et al. 2001). They set the floor any learned method has to beat and need no training or weights.
+"""Non-learned restorers: identity (the corrupted input itself) and OpenCV inpainting.
+
+OpenCV's inpainting implements Telea 2004 and Navier-Stokes (Bertalmio et al. 2001). These restorers set the floor any
+learned method has to beat and need no training or weights.
 """
 
 import cv2

@@ -62,6 +62,7 @@ class CycleGANRestorer:
         Args:
             corrupted: (B, 3, H, W) in [-1, 1]; H and W divisible by 4.
             artifact_mask: (B, 1, H, W) in {0, 1}, 1 = artifact; used only by a mask-aware generator.
+            generator: unused (the translation is deterministic); accepted for the restorer interface.
 
         Returns:
             (B, 3, H, W) in [-1, 1] on the input's device; pixels outside the mask are rewritten too.

@@ -117,7 +117,7 @@ def load_weights_in_order(
             "loading needs the same architecture (is this the right model name?)"
         )
     new, skipped = {}, []
-    for i, ((src_key, src), (dst_key, dst)) in enumerate(zip(state_dict.items(), target.items())):
+    for i, ((src_key, src), (dst_key, dst)) in enumerate(zip(state_dict.items(), target.items(), strict=True)):
         if dst_key.startswith(skip_prefixes):
             skipped.append(dst_key)
             continue

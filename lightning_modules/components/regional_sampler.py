@@ -254,8 +254,10 @@ class RegionalSampler:
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match z_known {tuple(z_known.shape)}")
 
     def _epsilon(self, output: Tensor, x: Tensor, scheduler: Any) -> Tensor:
-        """Model output for ``step``: a 2C-channel (learned-variance) output keeps its variance half only for a
-        DDPM scheduler configured with a learned variance type; otherwise the first C channels are the epsilon.
+        """Model output for ``step``, (B, C, h, w) or (B, 2C, h, w).
+
+        A 2C-channel (learned-variance) output keeps its variance half only for a DDPM scheduler configured with a
+        learned variance type; otherwise the first C channels are the epsilon.
         """
         channels = x.shape[1]
         if output.shape[0] != x.shape[0] or output.shape[-2:] != x.shape[-2:]:

@@ -186,6 +186,7 @@ class LabStainNorm(InputNormalize):
         return self.normalize01(self.normalize_lab(x))
 
     def extra_repr(self) -> str:
+        """Module repr details: the Lab target mean and std (rounded to 2 decimals) and ``eps``."""
         mean = [round(v, 2) for v in self.target_mean.tolist()]
         std = [round(v, 2) for v in self.target_std.tolist()]
         return f"target_mean={mean}, target_std={std}, eps={self.eps}"
