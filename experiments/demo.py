@@ -67,6 +67,22 @@ class DemoSettings:
         return hashlib.sha256(json.dumps({k: d[k] for k in keys}, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def fit(args: list[str]):
+    """Run ``experiments.train fit`` in-process, then close its wandb run.
+
+    wandb reuses an active run, which would merge the stages' logs and checkpoint folders; closing it lets the next
+    stage start a run of its own.
+    """
+    import wandb
+
+    from experiments.train import cli_main
+
+    try:
+        return cli_main(["fit", *args])
+    finally:
+        wandb.finish()
+
+
 def stage_done(out: Path, name: str, digest: str) -> bool:
     """True when ``name`` finished before with the same settings."""
     stamp = out / ".stages" / name
@@ -81,10 +97,8 @@ def mark_done(out: Path, name: str, digest: str) -> None:
 
 def train_vae(out: Path, s: DemoSettings) -> Path:
     """Train the CPU-sized VAE on clean train tiles through LightningCLI, then export it with its scaling factor."""
-    from experiments.train import cli_main
-
-    cli = cli_main([
-        "fit", "--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "model/vae_cpu.yaml"),
+    cli = fit([
+        "--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "model/vae_cpu.yaml"),
         "--config", str(CONFIGS / "data/bundled.yaml"),
         f"--data.init_args.tile_size={s.vae_tile}", f"--data.init_args.batch_size={s.vae_batch}",
         "--data.init_args.num_workers=1", f"--data.init_args.max_tiles={{val: {2 * s.vae_batch}}}",
@@ -99,10 +113,8 @@ def train_vae(out: Path, s: DemoSettings) -> Path:
 
 def train_latent(out: Path, s: DemoSettings) -> "object":
     """Encode the latent cache once, then train the CPU-sized latent denoiser on it through LightningCLI."""
-    from experiments.train import cli_main
-
-    cli = cli_main([
-        "fit", "--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "model/latent_cpu.yaml"),
+    cli = fit([
+        "--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "model/latent_cpu.yaml"),
         "--config", str(CONFIGS / "data/latent_cache.yaml"),
         f"--model.init_args.autoencoder={out / 'vae'}", f"--data.init_args.autoencoder={out / 'vae'}",
         f"--data.init_args.cache_dir={out / 'latent_cache'}", f"--data.init_args.variants={s.cache_variants}",
@@ -132,11 +144,10 @@ def train_artifusion(out: Path, s: DemoSettings) -> Path:
     The paper samples with RePaint at 250 steps x 10 resamples (2410 network evaluations per tile); on 2 CPU cores
     the demo samples with ``artifusion_sample_steps`` plain steps instead (the benchmark times the paper preset).
     """
-    from experiments.train import cli_main
     from lightning_modules.components.regional_sampler import SamplerConfig
 
-    cli = cli_main([
-        "fit", "--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "model/artifusion_cpu.yaml"),
+    cli = fit([
+        "--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "model/artifusion_cpu.yaml"),
         "--config", str(CONFIGS / "data/bundled.yaml"), "--data.init_args.batch_size=8",
         # fully convolutional/windowed networks: train on 128 px crops (4x cheaper), restore 256 px tiles
         "--data.init_args.tile_size=128",
@@ -151,10 +162,8 @@ def train_artifusion(out: Path, s: DemoSettings) -> Path:
 
 def train_cyclegan(out: Path, s: DemoSettings) -> Path:
     """Train the CPU-sized CycleGAN unpaired on corrupted vs clean tiles and export its generator."""
-    from experiments.train import cli_main
-
-    cli = cli_main([
-        "fit", "--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "model/cyclegan_cpu.yaml"),
+    cli = fit([
+        "--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "model/cyclegan_cpu.yaml"),
         "--config", str(CONFIGS / "data/bundled_restoration.yaml"), "--data.init_args.num_workers=1",
         "--data.init_args.tile_size=128",
         "--data.init_args.max_tiles={val: 8}",
