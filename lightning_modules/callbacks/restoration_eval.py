@@ -7,19 +7,27 @@ through the same regional sampler and restorer code the exported pipeline uses, 
 (``identity``, ``telea``, ...) are scored once on the same tiles and logged as ``val_restore_<name>/...`` at every
 check, so the curves show the model against the baselines.
 
-DDP: every rank restores the same tiles with the same seed (identical results; no collectives), scalars are logged
-without ``sync_dist`` (identical on every rank), images only from rank 0.
+DDP: every rank restores the same tiles with the same seed (identical results), scalars are logged without
+``sync_dist`` (identical on every rank) and images are written only by rank 0. The one collective involved,
+``trainer.log_dir`` (a broadcast), is evaluated on every rank before the rank-0 branch.
+
+Compose it into a training run by appending to the callback list of ``base.yaml`` from a later config file (the
+``callbacks+:`` key; ``model/latent_cpu.yaml`` and ``model/latent_paper.yaml`` do this). Restoration runs in fp32
+whatever the trainer's precision, so the numbers do not depend on the mixed-precision setting.
 """
 
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
 
 from datamodules.datasets import to_uint8
+from datamodules.imageio import write_image_atomic
 from datamodules.restoration import ArtifactRestorationDataModule
+from lightning_modules.components.autoencoders import LatentCodec
 from lightning_modules.components.regional_sampler import RegionalSampler, SamplerConfig, restore
 from lightning_modules.components.restorer import build_restorer
 from lightning_modules.components.schedulers import build_scheduler
@@ -45,6 +53,9 @@ class RestorationEvalCallback(Callback):
         baselines: Registered restorers scored once on the same tiles (e.g. ``["identity", "telea"]``).
         seed: Seed of the corruptions and of the sampler noise.
         metrics: Metric names (FSIM is the slowest).
+
+    Raises:
+        ValueError: If ``num_tiles``, ``every_n_epochs`` or ``num_steps`` is below 1.
     """
 
     def __init__(
@@ -61,6 +72,9 @@ class RestorationEvalCallback(Callback):
         metrics: list[str] | None = None,
     ) -> None:
         super().__init__()
+        for name, value in (("num_tiles", num_tiles), ("every_n_epochs", every_n_epochs), ("num_steps", num_steps)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
         self.sources, self.tile_size, self.num_tiles = sources, tile_size, num_tiles
         self.every_n_epochs, self.num_steps, self.preset, self.scheduler = every_n_epochs, num_steps, preset, scheduler
         self.baselines = list(baselines if baselines is not None else ["identity", "telea"])
@@ -72,16 +86,27 @@ class RestorationEvalCallback(Callback):
     def _fixed_batch(self) -> dict:
         if self.batch is None:
             dm = ArtifactRestorationDataModule(
-                sources=self.sources, tile_size=self.tile_size, stride=self.tile_size, seed=self.seed,
-                num_workers=0, max_tiles={"val": self.num_tiles}, batch_size=self.num_tiles,
+                sources=self.sources,
+                tile_size=self.tile_size,
+                stride=self.tile_size,
+                seed=self.seed,
+                num_workers=0,
+                max_tiles={"val": self.num_tiles},
+                batch_size=self.num_tiles,
             )
             dm.setup("validate")
             self.batch = next(iter(dm.val_dataloader()))
         return self.batch
 
     def _scores(self, restored: torch.Tensor, batch: dict) -> dict[str, float]:
-        values = per_image_metrics(restored.float().cpu(), batch["clean"], batch["artifact_mask"],
-                                   regions=REGIONS, metrics=self.metrics)
+        # the metrics reject values outside [-1, 1]; a restorer's float round-off must not abort training
+        values = per_image_metrics(
+            restored.float().cpu().clamp(-1, 1),
+            batch["clean"],
+            batch["artifact_mask"],
+            regions=REGIONS,
+            metrics=self.metrics,
+        )
         out = {}
         for key, vals in values.items():
             finite = vals[torch.isfinite(vals)]
@@ -89,31 +114,54 @@ class RestorationEvalCallback(Callback):
                 out[key.replace("/", "_")] = float(finite.mean())
         return out
 
+    @staticmethod
+    def _codec(pl_module: LightningModule) -> LatentCodec:
+        get_codec = getattr(pl_module, "get_codec", None)
+        codec = get_codec() if get_codec is not None else None
+        if codec is None:
+            raise ValueError(
+                "RestorationEvalCallback needs a latent module with an autoencoder (LatentDiffusionModule with "
+                f"model.init_args.autoencoder set); got {type(pl_module).__name__} without one"
+            )
+        return codec
+
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Build the fixed set and score the baselines once."""
+        """Check the module can be restored with (before any training), build the fixed set, score the baselines."""
+        self._codec(pl_module)
         batch = self._fixed_batch()
         for name in self.baselines:
             restorer = build_restorer(name)
             restored = restorer.restore(batch["corrupted"], batch["artifact_mask"])
             self.baseline_scores[name] = self._scores(restored, batch)
+        log.info(
+            "restoration check: %d fixed val tiles every %d epochs; baselines %s",
+            len(batch["clean"]),
+            self.every_n_epochs,
+            self.baselines,
+        )
 
     @torch.no_grad()
     def restore_batch(self, pl_module: LightningModule) -> torch.Tensor:
         """Restore the fixed set with the module's (EMA) denoiser; (N, 3, H, W) in [-1, 1]."""
+        codec = self._codec(pl_module)
         batch = self._fixed_batch()
-        codec = pl_module.get_codec()
-        if codec is None:
-            raise ValueError("RestorationEvalCallback needs the module's autoencoder (set model.autoencoder)")
         device = pl_module.device
         config = SamplerConfig.from_preset(self.preset, num_steps=self.num_steps)
-        sched = build_scheduler(self.scheduler if self.preset == "repaint" else "ddpm",
-                                dict(pl_module.noise_scheduler.config))
+        sched = build_scheduler(
+            self.scheduler if self.preset == "repaint" else "ddpm", dict(pl_module.noise_scheduler.config)
+        )
         sampler = RegionalSampler(sched, config)
         generator = torch.Generator(device="cpu").manual_seed(self.seed)
         denoiser = pl_module.sampling_denoiser()
         return restore(
-            lambda x: codec.encode(x, generator=generator), codec.decode, sampler, denoiser,
-            batch["corrupted"].to(device), batch["artifact_mask"].to(device), factor=codec.factor, generator=generator,
+            lambda x: codec.encode(x, generator=generator),
+            codec.decode,
+            sampler,
+            denoiser,
+            batch["corrupted"].to(device),
+            batch["artifact_mask"].to(device),
+            factor=codec.factor,
+            generator=generator,
         )
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -132,20 +180,24 @@ class RestorationEvalCallback(Callback):
         for name, scores in self.baseline_scores.items():
             for key, value in scores.items():
                 pl_module.log(f"val_restore_{name}/{key}", value, on_epoch=True, sync_dist=False)
+        wandb_logger = next((lg for lg in trainer.loggers if isinstance(lg, WandbLogger)), None)
+        # trainer.log_dir broadcasts: evaluate it on every rank, never inside the rank-0 branch below
+        grid_dir = None if wandb_logger is not None else Path(trainer.log_dir or trainer.default_root_dir)
         if trainer.is_global_zero:
-            self._log_grid(trainer, batch, restored)
+            image = self._grid(batch, restored)
+            if wandb_logger is not None:
+                wandb_logger.log_image(
+                    "val_restore/grid",
+                    [image],
+                    step=trainer.global_step,
+                    caption=["corrupted | mask | restored | clean"],
+                )
+            else:
+                write_image_atomic(grid_dir / "restore_grids" / f"epoch{trainer.current_epoch:04d}.png", image)
 
-    def _log_grid(self, trainer: Trainer, batch: dict, restored: torch.Tensor) -> None:
+    @staticmethod
+    def _grid(batch: dict, restored: torch.Tensor) -> np.ndarray:
+        """uint8 ``(N*H, 4*W, 3)``: one row per tile, columns corrupted | mask | restored | clean."""
         mask_rgb = batch["artifact_mask"].expand(-1, 3, -1, -1) * 2 - 1
         cols = [batch["corrupted"], mask_rgb, restored.float().cpu().clamp(-1, 1), batch["clean"]]
-        grid = torch.cat([torch.cat(list(c), dim=-2) for c in cols], dim=-1)  # (3, N*H, 4*W)
-        image = to_uint8(grid)
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image("val_restore/grid", [image], step=trainer.global_step,
-                                 caption=["corrupted | mask | restored | clean"])
-                return
-        from datamodules.imageio import write_image_atomic
-
-        out = Path(trainer.log_dir or trainer.default_root_dir) / "restore_grids"
-        write_image_atomic(out / f"epoch{trainer.current_epoch:04d}.png", image)
+        return to_uint8(torch.cat([torch.cat(list(c), dim=-2) for c in cols], dim=-1))
