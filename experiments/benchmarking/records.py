@@ -135,8 +135,9 @@ def add_utilisation(records: list[dict], peaks: dict[str, float]) -> None:
 
 
 def add_batch_speedups(records: list[dict]) -> None:
-    """Set ``batch_speedup`` (batch-1 seconds per tile / this record's) on every restore record that has a batch-1
-    twin (same method, config and precision).
+    """Set ``batch_speedup`` on every restore record that has a batch-1 twin (same method, config and precision).
+
+    The speedup is the batch-1 record's seconds per tile divided by this record's.
     """
     restore = [r for r in records if r.get("record") == "restore"]
     base = {(r["method"], r["config"], r["precision"]): r["seconds_per_tile"] for r in restore if r["batch_size"] == 1}
