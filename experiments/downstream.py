@@ -214,6 +214,9 @@ def condition_metrics(labels: np.ndarray, preds: np.ndarray, num_classes: int, *
 def synthesize_at(image: np.ndarray, synthesizer, rng: np.random.Generator, resolution: int):
     """Synthesise artifacts at ``resolution`` px and bring them back to the image's size.
 
+    Restoration methods also run at ``resolution`` (the tile size their models were trained for), so the
+    full-resolution corrupted tile and mask are returned too.
+
     Args:
         image: uint8 (S, S, 3) clean RGB.
         synthesizer: An ``ArtifactSynthesizer``.
@@ -221,21 +224,35 @@ def synthesize_at(image: np.ndarray, synthesizer, rng: np.random.Generator, reso
         resolution: Side at which to synthesise (0 or S: directly on the image).
 
     Returns:
-        ``(corrupted uint8 (S, S, 3), mask bool (S, S))``; pixels outside the mask equal ``image`` exactly, and the
-        mask holds every pixel an artifact touched.
+        ``(corrupted uint8 (S, S, 3), mask bool (S, S), corrupted_big uint8 (R, R, 3), mask_big bool (R, R))`` with
+        R = ``resolution`` (or S); pixels outside the mask equal ``image`` exactly, and the mask holds every pixel an
+        artifact touched.
     """
     import cv2
 
     size = image.shape[0]
     if resolution in (0, size):
         res = synthesizer(image, rng)
-        return res.corrupted, res.mask
+        return res.corrupted, res.mask, res.corrupted, res.mask
     big = cv2.resize(image, (resolution, resolution), interpolation=cv2.INTER_CUBIC)
     res = synthesizer(big, rng)
     interp = cv2.INTER_AREA if resolution > size else cv2.INTER_LINEAR
     bad = cv2.resize(res.corrupted, (size, size), interpolation=interp)
     mask = cv2.resize(res.mask.astype(np.float32), (size, size), interpolation=interp) > 0
-    return np.where(mask[..., None], bad, image), mask
+    return np.where(mask[..., None], bad, image), mask, res.corrupted, res.mask
+
+
+def to_input_size(restored: torch.Tensor, corrupted: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Resize restored tiles (B, 3, R, R) to the classifier's (B, 3, S, S) and keep ``corrupted`` outside ``mask``.
+
+    Args:
+        restored: Restorer output at the synthesis resolution, in [-1, 1].
+        corrupted: The corrupted tiles at input size S, in [-1, 1].
+        mask: (B, 1, S, S), 1 = artifact.
+    """
+    if restored.shape[-1] != corrupted.shape[-1]:
+        restored = torch.nn.functional.interpolate(restored.float(), size=corrupted.shape[-2:], mode="area")
+    return torch.where(mask.bool(), restored.float().clamp(-1, 1), corrupted.float())
 
 
 def _restore_batch(restorer, corrupted: torch.Tensor, mask: torch.Tensor, names: list[str], generator, **kwargs):
@@ -280,17 +297,21 @@ def evaluate(module, dataset, restorers: dict, *, args: argparse.Namespace) -> d
     bs = args.batch_size
     for start in tqdm(range(0, n, bs), desc="downstream test", unit="batch"):
         idx = range(start, min(n, start + bs))
-        clean, corrupted, masks, batch_labels, batch_names = [], [], [], [], []
+        clean, corrupted, masks, batch_labels, batch_names, big, big_masks = [], [], [], [], [], [], []
         for i in idx:
             image, label, meta = dataset.read(i)
-            bad, mask = synthesize_at(image, synthesizer, sample_rng(args.seed, "test", i), args.artifact_resolution)
+            bad, mask, bad_big, mask_big = synthesize_at(image, synthesizer, sample_rng(args.seed, "test", i),
+                                                         args.artifact_resolution)
             clean.append(to_tensor(image))
             corrupted.append(to_tensor(bad))
             masks.append(to_mask_tensor(mask))
+            big.append(to_tensor(bad_big))
+            big_masks.append(to_mask_tensor(mask_big))
             coverage.append(float(mask.mean()))
             batch_labels.append(label)
             batch_names.append(meta["name"])
         clean_t, corrupted_t, mask_t = torch.stack(clean), torch.stack(corrupted), torch.stack(masks)
+        big_t, big_mask_t = torch.stack(big), torch.stack(big_masks)
         labels += batch_labels
         names += batch_names
         preds["clean"] += predict(clean_t)
@@ -300,12 +321,13 @@ def evaluate(module, dataset, restorers: dict, *, args: argparse.Namespace) -> d
         for method, restorer in restorers.items():
             generator = torch.Generator(device="cpu").manual_seed(args.seed * 100003 + start)
             extra = {"num_steps": args.steps} if args.steps and hasattr(restorer, "make_sampler") else {}
-            outs, fails = _restore_batch(restorer, corrupted_t.to(device), mask_t.to(device), batch_names, generator,
+            # restorers run at the synthesis resolution (their models' tile size), the classifier at its input size
+            outs, fails = _restore_batch(restorer, big_t.to(device), big_mask_t.to(device), batch_names, generator,
                                          **extra)
             failures += fails
             ok = [i for i, o in enumerate(outs) if o is not None]
             if ok:
-                batch = torch.stack([outs[i].float().clamp(-1, 1) for i in ok])
+                batch = to_input_size(torch.stack([outs[i].cpu() for i in ok]), corrupted_t[ok], mask_t[ok])
                 restored[method]["preds"] += predict(batch)
                 restored[method]["labels"] += [batch_labels[i] for i in ok]
                 if start == 0 and len(ok) == len(outs):

@@ -238,9 +238,18 @@ def test_study_statistics_and_failure_handling():
     from datamodules.artifacts import ArtifactSynthesizer
 
     image = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    bad, mask = synthesize_at(image, ArtifactSynthesizer(), np.random.default_rng(1), 256)
+    bad, mask, bad_big, mask_big = synthesize_at(image, ArtifactSynthesizer(), np.random.default_rng(1), 256)
     assert bad.shape == image.shape and mask.any()
     assert np.array_equal(bad[~mask], image[~mask])
+    assert bad_big.shape == (256, 256, 3) and mask_big.shape == (256, 256) and mask_big.any()
+
+    from experiments.downstream import to_input_size
+
+    restored_big = torch.zeros(1, 3, 256, 256)
+    small = to_input_size(restored_big, torch.ones(1, 3, 64, 64), torch.from_numpy(mask)[None, None].float())
+    assert small.shape == (1, 3, 64, 64)
+    assert torch.all(small[0, :, ~torch.from_numpy(mask)] == 1), "outside the mask the corrupted input is kept"
+    assert torch.all(small[0, :, torch.from_numpy(mask)] == 0), "inside the mask the restored tile (resized)"
 
 
 @pytest.mark.slow
