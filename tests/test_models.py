@@ -112,7 +112,7 @@ def test_estimate_scaling_factor_whitens_latents():
 
 def test_ema_moves_towards_the_weights_and_counts_updates():
     model = torch.nn.Linear(3, 2)
-    ema = DenoiserEMA(model, decay=0.5)
+    ema = DenoiserEMA(model, decay=0.5, warmup=False)
     assert ema.n_averaged == 0 and not any(p.requires_grad for p in ema.parameters())
     ema.update(model)  # first update copies
     torch.testing.assert_close(ema.module.weight, model.weight)
@@ -128,3 +128,19 @@ def test_ema_moves_towards_the_weights_and_counts_updates():
     torch.testing.assert_close(restored(torch.ones(1, 3)), ema(torch.ones(1, 3)))
     with pytest.raises(ValueError, match="1.5"):
         DenoiserEMA(model, decay=1.5)
+
+
+def test_ema_warmup_ramps_the_decay_so_early_weights_fade():
+    from lightning_modules.components.ema import ema_decay_at
+
+    assert ema_decay_at(0.999, 1) == pytest.approx(2 / 11)
+    assert ema_decay_at(0.999, 10_000) == 0.999
+    assert ema_decay_at(0.999, 1, warmup=False) == 0.999
+    model = torch.nn.Linear(3, 2)
+    ema = DenoiserEMA(model, decay=0.999)
+    ema.update(model)
+    before = ema.module.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model)  # n_averaged was 1: decay 2/11, the average moves 9/11 of the way
+    torch.testing.assert_close(ema.module.weight, (2 / 11) * before + (9 / 11) * model.weight.detach())

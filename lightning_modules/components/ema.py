@@ -8,31 +8,54 @@ No ``lightning`` import here: this is a pure torch component.
 """
 
 import copy
+from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
+
+
+def ema_decay_at(decay: float, n_averaged: int, warmup: bool = True) -> float:
+    """Decay used for the update after ``n_averaged`` updates.
+
+    With warm-up the decay is ``min(decay, (1 + n) / (10 + n))`` (the default schedule of diffusers' ``EMAModel``):
+    without it, a short run's average stays dominated by its first, barely trained weights (with decay 0.999 the
+    weights of step 1 still carry 0.999**1000 = 37 % of the average after 1000 steps).
+    """
+    return min(decay, (1.0 + n_averaged) / (10.0 + n_averaged)) if warmup else decay
+
+
+def _ema_multi_avg_fn(decay: float, warmup: bool) -> Callable:
+    @torch.no_grad()
+    def update(ema_params: list[Tensor], params: list[Tensor], num_averaged: Tensor) -> None:
+        d = ema_decay_at(decay, int(num_averaged), warmup)
+        torch._foreach_lerp_(ema_params, params, 1.0 - d)
+
+    return update
 
 
 class DenoiserEMA(nn.Module):
-    """EMA weights ``ema <- decay * ema + (1 - decay) * model`` of a denoiser; the first update copies the model.
+    """EMA weights ``ema <- d * ema + (1 - d) * model`` of a denoiser; the first update copies the model.
 
     The averaged copy has gradients off and stays in eval mode: it is only ever used for evaluation and sampling.
 
     Args:
         model: The denoiser to average (deep-copied; the original is not modified).
         decay: EMA decay in ``(0, 1)``; 0.9999 is the usual value for long runs, 0.999 suits short CPU runs.
+        warmup: Ramp the decay as ``min(decay, (1 + n) / (10 + n))`` over the first updates (see
+            :func:`ema_decay_at`); off = a constant decay.
 
     Raises:
         ValueError: If ``decay`` is not in ``(0, 1)``.
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.9999) -> None:
+    def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = True) -> None:
         super().__init__()
         if not 0.0 < decay < 1.0:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
-        self.decay = float(decay)
+        self.decay, self.warmup = float(decay), bool(warmup)
         self.averaged = AveragedModel(
-            copy.deepcopy(model), multi_avg_fn=get_ema_multi_avg_fn(self.decay), use_buffers=True
+            copy.deepcopy(model), multi_avg_fn=_ema_multi_avg_fn(self.decay, self.warmup), use_buffers=True
         )
         self.averaged.requires_grad_(False)
         self.eval()
