@@ -10,7 +10,6 @@ is deliberately left out of the checkpoint: it is reloaded from the ``autoencode
 hyper-parameters, so that folder must still exist when a checkpoint is resumed or used for restoration.
 """
 
-from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -21,7 +20,9 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lightning_modules.components.autoencoders import LatentCodec, load_autoencoder
+from lightning_modules.components.denoisers import predict
 from lightning_modules.components.ema import DenoiserEMA
+from lightning_modules.ema_hooks import DiffusionEMAHooks
 
 PAPER_SCHEDULER: dict[str, Any] = {
     "num_train_timesteps": 1000,
@@ -35,12 +36,8 @@ PAPER_SCHEDULER: dict[str, Any] = {
 _CODEC_PREFIX = "codec."
 
 
-def _predict(net: nn.Module, x_t: Tensor, t: Tensor) -> Tensor:
-    out = net(x_t, t)
-    return out.sample if hasattr(out, "sample") else out
 
-
-class LatentDiffusionModule(LightningModule):
+class LatentDiffusionModule(DiffusionEMAHooks, LightningModule):
     """Unconditional epsilon-prediction diffusion on autoencoder latents of artifact-free tiles.
 
     Args:
@@ -88,7 +85,6 @@ class LatentDiffusionModule(LightningModule):
         self.min_snr_gamma = float(min_snr_gamma)
         self._optimizer_factory = optimizer
         self._lr_scheduler_factory = lr_scheduler
-        self._last_ema_step = 0
         self.register_load_state_dict_post_hook(self._ignore_codec_keys)
 
     # ----------------------------------------------------------------------------------------------------- codec
@@ -165,7 +161,7 @@ class LatentDiffusionModule(LightningModule):
         noise = torch.randn(z.shape, device=z.device, dtype=z.dtype, generator=generator)
         z_t = self.noise_scheduler.add_noise(z, noise, t)
         weights = self._weights(t)
-        loss = self._loss(_predict(self.denoiser, z_t, t), noise, weights)
+        loss = self._loss(predict(self.denoiser, z_t, t), noise, weights)
         return {"loss": loss, "z_t": z_t, "t": t, "noise": noise, "weights": weights}
 
     @staticmethod
@@ -192,46 +188,12 @@ class LatentDiffusionModule(LightningModule):
         size = len(out["t"])
         self.log("val/loss", out["loss"], on_epoch=True, sync_dist=True, batch_size=size)
         if self.denoiser_ema is not None:
-            pred_ema = _predict(self.denoiser_ema.module, out["z_t"], out["t"])
+            pred_ema = predict(self.denoiser_ema.module, out["z_t"], out["t"])
             loss_ema = self._loss(pred_ema, out["noise"], out["weights"])
         else:
             loss_ema = out["loss"]
         self.log("val/loss_ema", loss_ema, on_epoch=True, sync_dist=True, prog_bar=True, batch_size=size)
 
-    # ------------------------------------------------------------------------------------------------------- EMA
-
-    def on_train_start(self) -> None:
-        """Remember the (possibly restored) step so EMA updates only follow real optimiser steps."""
-        self._last_ema_step = self.trainer.global_step
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Update the EMA on every rank, only when the optimiser stepped (correct under gradient accumulation)."""
-        if self.denoiser_ema is None or self.trainer.global_step == self._last_ema_step:
-            return
-        self._last_ema_step = self.trainer.global_step
-        self.denoiser_ema.update(self.denoiser)
-
-    @property
-    def sampling_network(self) -> nn.Module:
-        """The denoiser to sample with or export: the EMA copy when EMA is on, the raw denoiser otherwise."""
-        return self.denoiser_ema.module if self.denoiser_ema is not None else self.denoiser
-
-    def sampling_denoiser(self) -> Callable[[Tensor, Tensor], Tensor]:
-        """The :attr:`sampling_network` as the function the regional sampler calls.
-
-        Returns:
-            ``fn(x_t (B, C, h, w), t (int, 0-dim or (B,) tensor)) -> eps (B, C, h, w)``, run without gradients.
-        """
-        net = self.sampling_network
-
-        @torch.no_grad()
-        def fn(x_t: Tensor, t: Tensor | int) -> Tensor:
-            t = torch.as_tensor(t, device=x_t.device)
-            if t.ndim == 0:
-                t = t.expand(x_t.shape[0])
-            return _predict(net, x_t, t)
-
-        return fn
 
     # ----------------------------------------------------------------------------------------------- optimisers
 

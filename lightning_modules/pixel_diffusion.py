@@ -15,7 +15,6 @@ Usage::
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +26,12 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lightning_modules.components.artifusion import PAPER_SCHEDULER, paper_sampler_config
+from lightning_modules.components.denoisers import predict
 from lightning_modules.components.ema import DenoiserEMA
 from lightning_modules.components.pipeline import save_pipeline
 from lightning_modules.components.regional_sampler import RegionalSampler, SamplerConfig
 from lightning_modules.components.vlb import hybrid_loss
+from lightning_modules.ema_hooks import DiffusionEMAHooks
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +39,8 @@ _LEARNED = ("learned_range",)
 _FIXED = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")
 
 
-def _predict(net: nn.Module, x_t: Tensor, t: Tensor) -> Tensor:
-    out = net(x_t, t)
-    return out.sample if hasattr(out, "sample") else out
 
-
-class PixelDiffusionModule(LightningModule):
+class PixelDiffusionModule(DiffusionEMAHooks, LightningModule):
     """Unconditional pixel-space DDPM with a learned variance and the hybrid loss (ArtiFusion's recipe).
 
     Args:
@@ -87,7 +84,6 @@ class PixelDiffusionModule(LightningModule):
         self.denoiser_ema = DenoiserEMA(denoiser, ema_decay) if ema_decay is not None else None
         self._optimizer_factory = optimizer
         self._lr_scheduler_factory = lr_scheduler
-        self._last_ema_step = 0
 
     # ---------------------------------------------------------------------------------------------------- losses
 
@@ -125,7 +121,7 @@ class PixelDiffusionModule(LightningModule):
         )
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         x_t = self.noise_scheduler.add_noise(x0, noise, t)
-        out = self._loss(_predict(self.denoiser, x_t, t), noise, x0, x_t, t)
+        out = self._loss(predict(self.denoiser, x_t, t), noise, x0, x_t, t)
         return {**out, "x0": x0, "x_t": x_t, "t": t, "noise": noise}
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
@@ -149,42 +145,12 @@ class PixelDiffusionModule(LightningModule):
         for key in ("loss", "mse", "vlb"):
             self.log(f"val/{key}", out[key], on_epoch=True, sync_dist=True, batch_size=size)
         if self.denoiser_ema is not None:
-            output = _predict(self.denoiser_ema.module, out["x_t"], out["t"])
+            output = predict(self.denoiser_ema.module, out["x_t"], out["t"])
             loss_ema = self._loss(output, out["noise"], out["x0"], out["x_t"], out["t"])["loss"]
         else:
             loss_ema = out["loss"]
         self.log("val/loss_ema", loss_ema, on_epoch=True, sync_dist=True, prog_bar=True, batch_size=size)
 
-    # ------------------------------------------------------------------------------------------------------- EMA
-
-    def on_train_start(self) -> None:
-        """Remember the (possibly restored) step so EMA updates only follow real optimiser steps."""
-        self._last_ema_step = self.trainer.global_step
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        """Update the EMA on every rank, only when the optimiser stepped (correct under gradient accumulation)."""
-        if self.denoiser_ema is None or self.trainer.global_step == self._last_ema_step:
-            return
-        self._last_ema_step = self.trainer.global_step
-        self.denoiser_ema.update(self.denoiser)
-
-    @property
-    def sampling_network(self) -> nn.Module:
-        """The denoiser to sample with or export: the EMA copy when EMA is on, the raw denoiser otherwise."""
-        return self.denoiser_ema.module if self.denoiser_ema is not None else self.denoiser
-
-    def sampling_denoiser(self) -> Callable[[Tensor, Tensor], Tensor]:
-        """The :attr:`sampling_network` as ``fn(x_t (B, 3, H, W), t) -> (B, 6, H, W)``, run without gradients."""
-        net = self.sampling_network
-
-        @torch.no_grad()
-        def fn(x_t: Tensor, t: Tensor | int) -> Tensor:
-            t = torch.as_tensor(t, device=x_t.device)
-            if t.ndim == 0:
-                t = t.expand(x_t.shape[0])
-            return _predict(net, x_t, t)
-
-        return fn
 
     # ---------------------------------------------------------------------------------------------------- export
 

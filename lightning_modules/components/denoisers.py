@@ -11,6 +11,7 @@ No ``lightning`` import here: this is a pure torch/diffusers component.
 from typing import Literal
 
 from diffusers import UNet2DModel
+from torch import Tensor, nn
 
 DenoiserSize = Literal["paper", "cpu", "tiny"]
 
@@ -76,3 +77,9 @@ def build_unet(
         out_channels=in_channels if out_channels is None else out_channels,
         **preset,
     )
+
+
+def predict(net: nn.Module, x_t: Tensor, t: Tensor) -> Tensor:
+    """Call a denoiser ``net(x_t, t)`` and return its tensor output (diffusers models wrap it in ``.sample``)."""
+    out = net(x_t, t)
+    return out.sample if hasattr(out, "sample") else out

@@ -26,6 +26,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
 
 from lightning_modules.components.autoencoders import LatentCodec
+from lightning_modules.components.denoisers import predict
 from lightning_modules.components.regional_sampler import RegionalSampler, SamplerConfig, restore
 from lightning_modules.components.restorer import check_batch, register_restorer
 from lightning_modules.components.schedulers import build_scheduler
@@ -40,8 +41,7 @@ def unet_callable(unet: torch.nn.Module) -> callable:
     """Wrap a denoiser (diffusers output with ``.sample`` or a plain tensor) as ``denoiser(x_t, t) -> output``."""
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out = unet(x, t)
-        return out.sample if hasattr(out, "sample") else out
+        return predict(unet, x, t)
 
     return fn
 
