@@ -40,7 +40,7 @@ class DemoSettings:
     vae_tile: int = 128
     vae_steps: int = 500
     vae_batch: int = 8
-    latent_steps: int = 1000
+    latent_steps: int = 2000
     latent_batch: int = 16
     cache_variants: int = 8
     test_count: int = 16

@@ -18,13 +18,14 @@ also logs a table and the grid (offline unless the user has a key and sets WANDB
 
 import argparse
 import csv
+import json
 import logging
 import os
 import sys
 import time
 from pathlib import Path
 
-from experiments.report import comparison_grid, markdown_tables, summarize, write_json_atomic
+from experiments.report import by_artifact_type, comparison_grid, markdown_tables, summarize, write_json_atomic
 from experiments.scoring import iter_scores, match_names
 from lightning_modules.components.restorer import parse_method_specs
 
@@ -135,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
                     "images": len(names),
                     "mode": "standard" + (" + paper-compatible" if args.paper_compatible else "")})
     write_json_atomic(args.out / "summary.json", summary)
+    manifest = (args.data / "manifest.json") if args.data is not None else args.clean.parent / "manifest.json"
+    if manifest.is_file():
+        items = json.loads(manifest.read_text()).get("items", [])
+        types_by_image = {Path(it["name"]).stem: it.get("types", []) for it in items if Path(it["name"]).stem in names}
+        summary["by_type_markdown"] = by_artifact_type(rows, types_by_image, methods)
     shown = comparison_grid(args.out / "grid.png", clean=clean, masks=masks, corrupted=corrupted, restored=restored,
                             rows=rows, mask_convention=args.mask_convention)
     (args.out / "report.md").write_text(render_report(args.title, summary, shown))
@@ -151,6 +157,8 @@ def render_report(title: str, summary: dict, shown: list[str]) -> str:
     lines = [f"# {title}", "", f"{summary['images']} images, methods: {', '.join(summary['methods'])}. "
              "Standard metrics on the 0-255 scale (data range 255); L2 = per-image sum of squared errors.", ""]
     lines.append(markdown_tables(summary))
+    if summary.get("by_type_markdown"):
+        lines += ["", summary["by_type_markdown"]]
     if summary.get("timings"):
         lines += ["", "#### speed", "", "| method | s / tile | NFE / tile | device | precision | batch |",
                   "|---|---|---|---|---|---|"]

@@ -96,6 +96,34 @@ def markdown_tables(summary: Mapping, *, metrics: Sequence[str] = ("l2", "psnr",
     return "\n".join(lines)
 
 
+def by_artifact_type(rows: Sequence[Mapping], types_by_image: Mapping[str, Sequence[str]], methods: Sequence[str],
+                     *, region: str = "artifact", metric: str = "psnr") -> str:
+    """Markdown table of ``region/metric`` means per artifact type (a tile counts for every type it carries).
+
+    Args:
+        rows: Long-form metric rows.
+        types_by_image: ``{image stem: [artifact types]}`` (from a ``datamodules.synthesize`` manifest).
+        methods: Column order.
+        region: Region to tabulate.
+        metric: Metric to tabulate.
+    """
+    table = table_of(rows)
+    types = sorted({t for ts in types_by_image.values() for t in ts})
+    if not types:
+        return ""
+    lines = [f"#### {region}-region {metric} by artifact type (mean over tiles carrying the type)", "",
+             "| type | n | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
+    for kind in types:
+        images = [k for k, ts in types_by_image.items() if kind in ts]
+        cells = []
+        for method in methods:
+            values = [table.get((method, region, metric), {}).get(k, math.nan) for k in images]
+            finite = [v for v in values if np.isfinite(v)]
+            cells.append(_fmt(float(np.mean(finite)), metric) if finite else "n/a")
+        lines.append(f"| {kind} | {len(images)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def comparison_grid(
     out_path: Path,
     *,

@@ -50,6 +50,8 @@ def evalset(tmp_path_factory, he_tiles):
         write_image_atomic(root / "clean" / f"t{i}.png", clean)
         write_image_atomic(root / "corrupted" / f"t{i}.png", corrupted)
         write_mask_atomic(root / "masks" / f"t{i}.png", mask)
+    items = [{"name": f"t{i}.png", "types": ["ink"] if i else ["ink", "blur"]} for i in range(3)]
+    (root / "manifest.json").write_text(json.dumps({"items": items}))
     return root
 
 
@@ -163,6 +165,7 @@ def test_evaluate_run_mode_writes_csv_summary_report_grid(pipeline_dir, evalset,
     assert summary["timings"]["latent"]["nfe_per_tile"] == 2
     report = (out / "report.md").read_text()
     assert "| telea |" in report and "grid.png" in report
+    assert "| ink | 3 |" in report and "| blur | 1 |" in report, "per-artifact-type table from the manifest"
     assert (out / "grid.png").stat().st_size > 0
 
 
