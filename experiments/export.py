@@ -1,0 +1,90 @@
+"""Export a trained checkpoint to the folder the other commands load (no training code needed afterwards).
+
+    python -m experiments.export vae --ckpt runs/.../best.ckpt --out outputs/vae_klf8 [--sources bundled]
+    python -m experiments.export latent --ckpt runs/.../last.ckpt --out outputs/pipeline [--steps 50 --feather 2]
+    python -m experiments.export artifusion --ckpt runs/.../last.ckpt --out outputs/artifusion [--paper-sampler]
+    python -m experiments.export cyclegan --ckpt runs/.../last.ckpt --out outputs/cyclegan
+
+- ``vae``: re-estimates the latent scaling factor once on clean validation tiles of ``--sources`` (1 / std of the
+  latents) and writes a diffusers ``AutoencoderKL`` folder for ``--model.init_args.autoencoder``.
+- ``latent``: writes a restoration pipeline (EMA denoiser when trained with EMA, the training noise schedule, the
+  VAE the checkpoint was trained with, sampler defaults) for ``experiments.restore --model``.
+- ``artifusion``: a pixel pipeline; ``--paper-sampler`` stores the paper's RePaint preset (250 steps, jump 10,
+  10 resamples: 2410 network evaluations), otherwise ``--steps`` plain steps.
+- ``cyclegan``: the artifact -> clean generator for the ``cyclegan`` restorer.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+KINDS = ("vae", "latent", "artifusion", "cyclegan")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line arguments."""
+    p = argparse.ArgumentParser(prog="python -m experiments.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("kind", choices=KINDS)
+    p.add_argument("--ckpt", type=Path, required=True, help="Lightning checkpoint written by experiments.train")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--steps", type=int, default=50, help="default sampling steps stored in the pipeline")
+    p.add_argument("--feather", type=int, default=2, help="paste-back seam width in pixels (into the artifact)")
+    p.add_argument("--scheduler", default="ddim", choices=("ddpm", "ddim", "dpmsolver++"))
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--paper-sampler", action="store_true", help="artifusion: store the 2410-NFE RePaint preset")
+    p.add_argument("--sources", default="bundled", help="vae: tiles for the scaling factor (bundled, folder, slide)")
+    p.add_argument("--scale-tiles", type=int, default=64, help="vae: number of tiles for the scaling factor")
+    return p.parse_args(argv)
+
+
+def export(args: argparse.Namespace) -> Path:
+    """Load the checkpoint for ``args.kind`` and write its export folder."""
+    if not args.ckpt.is_file():
+        raise SystemExit(f"{args.ckpt} is not a file: pass a checkpoint written by experiments.train")
+    from lightning_modules.components.regional_sampler import SamplerConfig
+
+    sampler = SamplerConfig.from_preset("repaint", num_steps=args.steps, feather=args.feather)
+    if args.kind == "vae":
+        from datamodules.restoration import CleanTileDataModule
+        from lightning_modules.autoencoder_module import AutoencoderModule
+
+        module = AutoencoderModule.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=False)
+        dm = CleanTileDataModule(sources=args.sources, tile_size=args.image_size, stride=args.image_size,
+                                 augment=False, num_workers=0, max_tiles={"val": args.scale_tiles})
+        val = dm.make_dataset("val")
+        images = torch.stack([val[i]["clean"] for i in range(len(val))])
+        return Path(module.export(args.out, images=images))
+    if args.kind == "latent":
+        from lightning_modules.components.autoencoders import load_autoencoder
+        from lightning_modules.components.pipeline import save_pipeline
+        from lightning_modules.latent_diffusion import LatentDiffusionModule
+
+        module = LatentDiffusionModule.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=False)
+        if module.autoencoder_path is None:
+            raise SystemExit(f"{args.ckpt} was trained without an autoencoder path; a latent pipeline needs its VAE")
+        return save_pipeline(args.out, unet=module.sampling_network, scheduler=module.noise_scheduler,
+                             sampler=sampler, vae=load_autoencoder(module.autoencoder_path),
+                             image_size=args.image_size, scheduler_name=args.scheduler,
+                             extra={"checkpoint": str(args.ckpt)})
+    if args.kind == "artifusion":
+        from lightning_modules.pixel_diffusion import PixelDiffusionModule
+
+        module = PixelDiffusionModule.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=False)
+        return module.export(args.out, sampler=None if args.paper_sampler else sampler, image_size=args.image_size)
+    from lightning_modules.cyclegan import CycleGANModule
+
+    module = CycleGANModule.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=False)
+    return module.export(args.out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    out = export(parse_args(argv))
+    print(f"exported to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
