@@ -1,4 +1,4 @@
-"""Settings of the pixel-space ArtiFusion baseline (Zhang et al. 2023, arXiv 2307.14262) and its `artifusion` restorer.
+"""Settings of the pixel-space ArtiFusion baseline (MICCAI 2023, arXiv 2307.14262) and its `artifusion` restorer.
 
 - Noise schedule: improved-diffusion's linear schedule (Nichol & Dhariwal 2021) for ``T`` training steps, whose betas
   run linearly from ``0.0001 * 1000 / T`` to ``0.02 * 1000 / T`` (the DDPM schedule rescaled so that ``T = 4000``

@@ -1,4 +1,4 @@
-"""Swin-UNet denoiser with a time token: the pixel-space network of ArtiFusion (Zhang et al. 2023, arXiv 2307.14262).
+"""Swin-UNet denoiser with a time token: the pixel-space network of ArtiFusion (MICCAI 2023, arXiv 2307.14262).
 
 Architecture (REFERENCE.md section 5):
 
