@@ -144,3 +144,30 @@ def test_ema_warmup_ramps_the_decay_so_early_weights_fade():
         model.weight.add_(1.0)
     ema.update(model)  # n_averaged was 1: decay 2/11, the average moves 9/11 of the way
     torch.testing.assert_close(ema.module.weight, (2 / 11) * before + (9 / 11) * model.weight.detach())
+
+
+def test_ema_handles_integer_buffers():
+    class WithIndex(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 2)
+            self.register_buffer("index", torch.arange(4))
+
+    model = WithIndex()
+    ema = DenoiserEMA(model, decay=0.9)
+    for _ in range(3):
+        with torch.no_grad():
+            model.lin.weight.add_(1.0)
+        ema.update(model)
+    assert torch.equal(ema.module.index, model.index) and ema.n_averaged == 3
+    assert not torch.equal(ema.module.lin.weight, model.lin.weight)
+
+
+def test_ema_of_the_swin_unet_updates_twice():
+    from lightning_modules.components.swin_unet import build_swin_unet
+
+    net = build_swin_unet("tiny")
+    ema = DenoiserEMA(net, decay=0.999)
+    ema.update(net)
+    ema.update(net)  # the second update averages; the Swin-UNet carries integer index buffers
+    assert ema.n_averaged == 2

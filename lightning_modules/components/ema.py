@@ -28,8 +28,12 @@ def ema_decay_at(decay: float, n_averaged: int, warmup: bool = True) -> float:
 def _ema_multi_avg_fn(decay: float, warmup: bool) -> Callable:
     @torch.no_grad()
     def update(ema_params: list[Tensor], params: list[Tensor], num_averaged: Tensor) -> None:
-        d = ema_decay_at(decay, int(num_averaged), warmup)
-        torch._foreach_lerp_(ema_params, params, 1.0 - d)
+        # AveragedModel groups tensors by dtype: floats are averaged; integer buffers (e.g. the Swin-UNet's relative
+        # position index) are indices, not weights, so they follow the model.
+        if ema_params[0].is_floating_point() or ema_params[0].is_complex():
+            torch._foreach_lerp_(ema_params, params, 1.0 - ema_decay_at(decay, int(num_averaged), warmup))
+        else:
+            torch._foreach_copy_(ema_params, params)
 
     return update
 
