@@ -83,16 +83,20 @@ def fit(args: list[str]):
         wandb.finish()
 
 
-def stage_done(out: Path, name: str, digest: str) -> bool:
-    """True when ``name`` finished before with the same settings."""
+def stage_done(out: Path, name: str, digest: str) -> float | None:
+    """Seconds the stage took when ``name`` finished before with the same settings, else None."""
     stamp = out / ".stages" / name
-    return stamp.is_file() and stamp.read_text() == digest
+    try:
+        record = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        return None
+    return float(record["seconds"]) if record.get("digest") == digest else None
 
 
-def mark_done(out: Path, name: str, digest: str) -> None:
-    """Record that ``name`` finished with these settings."""
+def mark_done(out: Path, name: str, digest: str, seconds: float) -> None:
+    """Record that ``name`` finished with these settings, and how long it took."""
     (out / ".stages").mkdir(parents=True, exist_ok=True)
-    (out / ".stages" / name).write_text(digest)
+    (out / ".stages" / name).write_text(json.dumps({"digest": digest, "seconds": seconds}))
 
 
 def train_vae(out: Path, s: DemoSettings) -> Path:
@@ -190,6 +194,7 @@ def write_report(out: Path, s: DemoSettings, timings: dict[str, float], quick: b
         "| stage | seconds |",
         "|---|---|",
         *[f"| {k} | {v:.1f} |" for k, v in timings.items()],
+        f"| total | {sum(timings.values()):.1f} |",
         "",
         f"Settings: `{json.dumps(asdict(s))}`",
         "",
@@ -228,15 +233,16 @@ def main(argv: list[str] | None = None) -> int:
 
     def stage(name: str, keys: tuple[str, ...], fn) -> None:
         digest = s.digest(*keys)
-        if not args.force and stage_done(out, name, digest):
-            print(f"[demo] {name}: done before with the same settings, skipping")
-            timings[name] = 0.0
+        earlier = None if args.force else stage_done(out, name, digest)
+        if earlier is not None:
+            print(f"[demo] {name}: done before with the same settings ({earlier:.0f} s), skipping")
+            timings[f"{name} (earlier run)"] = earlier
             return
         print(f"[demo] {name} ...", flush=True)
         start = time.perf_counter()
         fn()
         timings[name] = time.perf_counter() - start
-        mark_done(out, name, digest)
+        mark_done(out, name, digest, timings[name])
         print(f"[demo] {name}: {timings[name]:.1f} s", flush=True)
 
     from datamodules import gallery, synthesize
