@@ -245,13 +245,23 @@ def synthesize_at(image: np.ndarray, synthesizer, rng: np.random.Generator, reso
 def to_input_size(restored: torch.Tensor, corrupted: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Resize restored tiles (B, 3, R, R) to the classifier's (B, 3, S, S) and keep ``corrupted`` outside ``mask``.
 
+    The resize is the one :func:`synthesize_at` uses (8-bit, OpenCV area/linear), so the ``identity`` restorer gives
+    back exactly the artifact condition's images.
+
     Args:
         restored: Restorer output at the synthesis resolution, in [-1, 1].
         corrupted: The corrupted tiles at input size S, in [-1, 1].
         mask: (B, 1, S, S), 1 = artifact.
     """
-    if restored.shape[-1] != corrupted.shape[-1]:
-        restored = torch.nn.functional.interpolate(restored.float(), size=corrupted.shape[-2:], mode="area")
+    import cv2
+
+    from datamodules.datasets import to_tensor, to_uint8
+
+    size = corrupted.shape[-1]
+    if restored.shape[-1] != size:
+        interp = cv2.INTER_AREA if restored.shape[-1] > size else cv2.INTER_LINEAR
+        restored = torch.stack([to_tensor(cv2.resize(img, (size, size), interpolation=interp))
+                                for img in to_uint8(restored)])
     return torch.where(mask.bool(), restored.float().clamp(-1, 1), corrupted.float())
 
 
