@@ -191,6 +191,10 @@ def write_report(out: Path, s: DemoSettings, timings: dict[str, float], quick: b
         "synthesised with exact masks; models are CPU-sized and trained for minutes, so absolute quality is far "
         "below a paper-scale run. The test tiles come from the test split, spatially disjoint from training.",
         "",
+        f"Pixel ArtiFusion is sampled here with {s.artifusion_sample_steps} plain steps; the paper's RePaint preset "
+        "(250 steps x 10 resamples = 2410 network evaluations per tile) is timed by `python -m experiments.benchmark` "
+        "(BENCHMARKS.md). The baselines are trained for a few minutes on 128 px crops and are far from converged.",
+        "",
         "| stage | seconds |",
         "|---|---|",
         *[f"| {k} | {v:.1f} |" for k, v in timings.items()],
