@@ -43,6 +43,16 @@ def _fail(path: Path, problem: str) -> ImageReadError:
     return ImageReadError(f"{path}: {problem}; {_FIX}.")
 
 
+def _existing_file(path: str | os.PathLike, what: str) -> Path:
+    """``path`` as a Path; ImageReadError when it is missing or empty."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(f"{path}: no such {what}; check the path or remove it from the file list.")
+    if path.stat().st_size == 0:
+        raise _fail(path, f"{what} is empty (0 bytes)")
+    return path
+
+
 def _png_bit_depth(path: Path) -> int | None:
     """Bit depth from a PNG's IHDR chunk, or None if the file is not a PNG."""
     with open(path, "rb") as f:
@@ -155,11 +165,7 @@ def read_image(path: str | os.PathLike, *, min_size: int | None = None) -> np.nd
         ImageReadError: The file is missing, empty, truncated, not an image, has unsupported values, or is smaller
             than ``min_size``; the message names the file and suggests re-exporting or removing it.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ImageReadError(f"{path}: no such file; check the path or remove it from the file list.")
-    if path.stat().st_size == 0:
-        raise _fail(path, "file is empty (0 bytes)")
+    path = _existing_file(path, "file")
     arr, notes = _decode(path)
     rgb = np.ascontiguousarray(_to_rgb(_to_uint8(arr, path, notes), path, notes))
     if notes:
@@ -199,11 +205,7 @@ def read_mask(
     """
     if convention not in ("artifact", "keep"):
         raise ValueError(f"convention must be 'artifact' or 'keep', got {convention!r}")
-    path = Path(path)
-    if not path.is_file():
-        raise ImageReadError(f"{path}: no such mask file; check the path.")
-    if path.stat().st_size == 0:
-        raise _fail(path, "mask file is empty (0 bytes)")
+    path = _existing_file(path, "mask file")
     arr, _ = _decode(path)
     if arr.ndim == 3:
         if not all(np.array_equal(arr[..., 0], arr[..., c]) for c in range(1, min(arr.shape[2], 3))):

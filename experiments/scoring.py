@@ -71,15 +71,23 @@ def iter_scores(
         progress: Show a progress bar.
     """
     skipped = skipped if skipped is not None else []
-    bar = tqdm(total=len(names) * len(restored), desc="scoring", unit="tile", disable=not progress)
-    for method, folder in restored.items():
-        folder = Path(folder)
-        for start in range(0, len(names), batch_size):
-            preds, targets, mask_list, kept = [], [], [], []
-            for name in names[start : start + batch_size]:
+    folders = {method: Path(folder) for method, folder in restored.items()}
+    bar = tqdm(total=len(names) * len(folders), desc="scoring", unit="tile", disable=not progress)
+    for start in range(0, len(names), batch_size):
+        # each reference and mask is read once per batch and shared by every method
+        references: dict[str, tuple] = {}
+        for name in names[start : start + batch_size]:
+            try:
+                target = read_image(_find(clean, name))
+                mask = read_mask(_find(masks, name), convention=mask_convention, shape=target.shape[:2])
+            except (ImageReadError, ValueError) as err:
+                skipped.append((name, str(err)))
+                continue
+            references[name] = (target, to_tensor(target), to_mask_tensor(mask))
+        for method, folder in folders.items():
+            kept, preds = [], []
+            for name, (target, _, _) in references.items():
                 try:
-                    target = read_image(_find(clean, name))
-                    mask = read_mask(_find(masks, name), convention=mask_convention, shape=target.shape[:2])
                     pred = read_image(_find(folder, name))
                     if pred.shape != target.shape:
                         raise ImageReadError(
@@ -89,27 +97,29 @@ def iter_scores(
                 except (ImageReadError, ValueError) as err:
                     skipped.append((f"{method}:{name}", str(err)))
                     continue
-                preds.append(to_tensor(pred))
-                targets.append(to_tensor(target))
-                mask_list.append(to_mask_tensor(mask))
                 kept.append(name)
+                preds.append(to_tensor(pred))
             bar.update(len(names[start : start + batch_size]))
-            if not kept:
-                continue
-            shapes = {tuple(t.shape) for t in targets}
-            groups = [[i for i, t in enumerate(targets) if tuple(t.shape) == s] for s in sorted(shapes)]
-            for idx in groups:
-                values = per_image_metrics(
-                    torch.stack([preds[i] for i in idx]),
-                    torch.stack([targets[i] for i in idx]),
-                    torch.stack([mask_list[i] for i in idx]),
-                    regions=REGIONS,
-                    metrics=METRICS,
-                    mode=mode,
-                )
-                for key, vals in values.items():
-                    region, metric = key.split("/")
-                    for j, i in enumerate(idx):
-                        yield {"method": method, "image": kept[i], "region": region, "metric": metric,
-                               "value": float(vals[j])}
+            yield from _score(method, kept, preds, [references[k][1] for k in kept],
+                              [references[k][2] for k in kept], mode)
     bar.close()
+
+
+def _score(method: str, names: list[str], preds: list, targets: list, masks: list, mode: str) -> Iterator[dict]:
+    """Long-form rows for one method on one batch; images of different sizes are scored in separate groups."""
+    shapes = sorted({tuple(t.shape) for t in targets})
+    for shape in shapes:
+        idx = [i for i, t in enumerate(targets) if tuple(t.shape) == shape]
+        values = per_image_metrics(
+            torch.stack([preds[i] for i in idx]),
+            torch.stack([targets[i] for i in idx]),
+            torch.stack([masks[i] for i in idx]),
+            regions=REGIONS,
+            metrics=METRICS,
+            mode=mode,
+        )
+        for key, vals in values.items():
+            region, metric = key.split("/")
+            for j, i in enumerate(idx):
+                yield {"method": method, "image": names[i], "region": region, "metric": metric,
+                       "value": float(vals[j])}

@@ -27,6 +27,7 @@ from lightning_modules.components.autoencoders import (
     estimate_scaling_factor,
     load_autoencoder,
 )
+from lightning_modules.optim import configure_step_optimizers
 
 _PRESETS = ("kl-f8", "cpu", "tiny")
 
@@ -155,8 +156,4 @@ class AutoencoderModule(LightningModule):
 
     def configure_optimizers(self) -> Any:
         """Optimise all VAE parameters; the LR scheduler (if any) steps every optimiser step."""
-        optimizer = self._optimizer_factory(self.vae.parameters())
-        if self._lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self._lr_scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return configure_step_optimizers(self.vae.parameters(), self._optimizer_factory, self._lr_scheduler_factory)

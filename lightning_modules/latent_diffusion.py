@@ -23,6 +23,7 @@ from lightning_modules.components.autoencoders import LatentCodec, load_autoenco
 from lightning_modules.components.denoisers import predict
 from lightning_modules.components.ema import DenoiserEMA
 from lightning_modules.ema_hooks import DiffusionEMAHooks
+from lightning_modules.optim import configure_step_optimizers
 
 PAPER_SCHEDULER: dict[str, Any] = {
     "num_train_timesteps": 1000,
@@ -199,8 +200,6 @@ class LatentDiffusionModule(DiffusionEMAHooks, LightningModule):
 
     def configure_optimizers(self) -> Any:
         """Optimise the denoiser's parameters only; the LR scheduler (if any) steps every optimiser step."""
-        optimizer = self._optimizer_factory(self.denoiser.parameters())
-        if self._lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self._lr_scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return configure_step_optimizers(
+            self.denoiser.parameters(), self._optimizer_factory, self._lr_scheduler_factory
+        )

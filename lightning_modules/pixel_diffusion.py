@@ -32,6 +32,7 @@ from lightning_modules.components.pipeline import save_pipeline
 from lightning_modules.components.regional_sampler import RegionalSampler, SamplerConfig
 from lightning_modules.components.vlb import hybrid_loss
 from lightning_modules.ema_hooks import DiffusionEMAHooks
+from lightning_modules.optim import configure_step_optimizers
 
 log = logging.getLogger(__name__)
 
@@ -185,9 +186,7 @@ class PixelDiffusionModule(DiffusionEMAHooks, LightningModule):
 
     def configure_optimizers(self) -> Any:
         """Optimise the denoiser's parameters only; the LR scheduler (if any) steps every optimiser step."""
-        optimizer = self._optimizer_factory(self.denoiser.parameters())
-        if self._lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self._lr_scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return configure_step_optimizers(
+            self.denoiser.parameters(), self._optimizer_factory, self._lr_scheduler_factory
+        )
 
