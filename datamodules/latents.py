@@ -1,6 +1,6 @@
 """Latent cache: encode the clean training tiles once (with their augmentation variants), train the denoiser on it.
 
-The VAE is frozen while the denoiser trains (REFERENCE.md section 3), so re-encoding every tile every epoch is wasted
+The VAE is frozen while the denoiser trains (docs/METHOD.md section 3), so re-encoding every tile every epoch is wasted
 work: the cache stores, per tile and per dihedral variant (the 8 flips/rotations of the square, applied to the pixel
 tile before encoding because a VAE is not equivariant), the scaled posterior mean and standard deviation. A training
 sample then draws ``z = mean + std * eps`` with a per-sample seed, which matches the authors' ``latent_dist.sample()``
@@ -257,9 +257,11 @@ class LatentCacheDataModule(L.LightningDataModule):
         self.batch_size_per_device = per_device_batch_size(self.hparams.batch_size, world)
         for split in ("train", "val"):
             if split not in self.datasets:
-                self.datasets[split] = LatentCacheDataset(
-                    self.cache_path(split), split=split, seed=self.hparams.seed, sample=split == "train"
-                )
+                self.datasets[split] = self.make_cache_dataset(split)
+
+    def make_cache_dataset(self, split: str) -> Dataset:
+        """The dataset of one split's cache (posterior samples on train, means on val)."""
+        return LatentCacheDataset(self.cache_path(split), split=split, seed=self.hparams.seed, sample=split == "train")
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled (tile, variant) latents, a fresh posterior sample every epoch."""

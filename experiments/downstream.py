@@ -1,4 +1,4 @@
-r"""Downstream study: does restoring artifacts give a tissue classifier back its accuracy? (REFERENCE.md section 8).
+r"""Downstream study: does restoring artifacts give a tissue classifier back its accuracy? (docs/METHOD.md section 8).
 
 Trains (or loads) a tissue classifier on clean tiles with a Lightning Trainer, keeping the checkpoint with the best
 VALIDATION accuracy (the authors selected on test, which overstates results). Then, on the held-out test tiles, it

@@ -1,4 +1,4 @@
-"""Training recipe of the downstream tissue classifier (REFERENCE.md section 8).
+"""Training recipe of the downstream tissue classifier (docs/METHOD.md section 8).
 
 The network (normally ``components.classifiers.build_classifier``: Lab stain layer + timm backbone) is injected; this
 module owns the loss (cross-entropy), the optimiser (AdamW lr 1e-3, weight decay 1e-5 by default), the cosine LR

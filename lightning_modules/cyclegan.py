@@ -1,4 +1,4 @@
-"""Training recipe of the CycleGAN baseline (REFERENCE.md section 6; Zhu et al. 2017, as used via Ke et al. TMI 2023).
+"""Training recipe of the CycleGAN baseline (docs/METHOD.md section 6; Zhu et al. 2017, as used via Ke et al. TMI 2023).
 
 Two generators, ``G``: artifact -> clean (the restorer) and ``F``: clean -> artifact, and two PatchGAN discriminators,
 ``D_clean`` and ``D_artifact``, trained with the least-squares GAN loss (Mao et al. 2017), an L1 cycle-consistency

@@ -1,4 +1,4 @@
-r"""Training recipe of the pixel-space ArtiFusion baseline (MICCAI 2023, arXiv 2307.14262; REFERENCE.md s5).
+r"""Training recipe of the pixel-space ArtiFusion baseline (MICCAI 2023, arXiv 2307.14262; docs/METHOD.md section 5).
 
 An unconditional DDPM on clean RGB tiles (``batch["clean"]``, ``(B, 3, H, W)`` in ``[-1, 1]``) with a learned-range
 variance and the hybrid loss of Nichol & Dhariwal 2021 (``lightning_modules/components/vlb.py``), 4000 linear training

@@ -210,7 +210,7 @@ def test_paper_mode_prefixes_keys_and_shifts_psnr(pairs):
     torch.testing.assert_close(paper["whole/paper_psnr"], standard["whole/psnr"] + shift)
     torch.testing.assert_close(paper["artifact/paper_psnr"], standard["artifact/psnr"] + shift)
     torch.testing.assert_close(paper["whole/paper_l2"], standard["whole/l2"])
-    # 256x larger SSIM constants push SSIM towards 1 (REFERENCE.md section 7: 0.961 -> 0.995 on their example).
+    # 256x larger SSIM constants push SSIM towards 1 (docs/METHOD.md section 7: 0.961 -> 0.995 on their example).
     assert (1 - paper["whole/paper_ssim"] < 0.5 * (1 - standard["whole/ssim"])).all()
     # Paper FSIM = mean over R, G, B of grey FSIM.
     grey = [piq.fsim(args[0][:, c : c + 1] + 1, args[1][:, c : c + 1] + 1, data_range=2.0, chromatic=False,

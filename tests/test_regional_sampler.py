@@ -17,7 +17,7 @@ from lightning_modules.components.regional_sampler import (
 )
 from lightning_modules.components.schedulers import build_scheduler
 
-# The authors' training schedule (REFERENCE.md s3), with diffusers' DDPMScheduler defaults otherwise.
+# The authors' training schedule (docs/METHOD.md section 3), with diffusers' DDPMScheduler defaults otherwise.
 TRAIN = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
              clip_sample=False, prediction_type="epsilon")
 SCHEDULERS = ["ddpm", "ddim", "dpmsolver++"]

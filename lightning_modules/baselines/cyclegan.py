@@ -1,6 +1,6 @@
 """The CycleGAN baseline as a restorer: an exported generator G (artifact -> clean) applied to the WHOLE tile.
 
-As in the paper's baseline (REFERENCE.md section 6; Zhu et al. 2017 via Ke et al. TMI 2023) the translated image is
+As in the paper's baseline (docs/METHOD.md section 6; Zhu et al. 2017 via Ke et al. TMI 2023) the translated image is
 returned as it is, with no paste-back of the original pixels outside the artifact mask. Clean tissue is therefore
 rewritten too, which is the colour/stain mistransfer that LatentArtiFusion's regional denoising avoids; the
 ``clean``-region metrics of the evaluation measure it. A mask-aware generator (4 input channels, trained with

@@ -4,7 +4,7 @@
   run linearly from ``0.0001 * 1000 / T`` to ``0.02 * 1000 / T`` (the DDPM schedule rescaled so that ``T = 4000``
   destroys the signal as fast as 1000 DDPM steps), learned-range variance, no sample clipping, epsilon prediction.
 - Sampler: RePaint (Lugmayr et al. 2022) with 250 respaced steps, jump length 10 and 10 resamples, i.e.
-  ``250 + 24 * 9 * 10 = 2410`` network evaluations per tile (REFERENCE.md section 5).
+  ``250 + 24 * 9 * 10 = 2410`` network evaluations per tile (docs/METHOD.md section 5).
 
 The restorer ``artifusion`` loads a pixel pipeline folder written by ``PixelDiffusionModule.export`` (or
 :func:`pipeline.save_pipeline` without a VAE) and restores with its stored sampler settings, which callers may override

@@ -1,6 +1,6 @@
 """Tissue classifiers for the downstream study: a timm backbone behind an input (or Lab stain) normalisation layer.
 
-The paper's classifier (REFERENCE.md section 8) is an ImageNet-pretrained timm ``densenet121`` with a new 9-class head
+The paper's classifier (docs/METHOD.md section 8) is an ImageNet-pretrained timm ``densenet121`` with a new 9-class head
 and a learnable Lab stain-normalisation layer in front. Nothing is downloaded here unless asked for:
 
 - ``pretrained=False``: random initialisation.

@@ -1,6 +1,6 @@
 """Latent denoisers: diffusers ``UNet2DModel`` presets, unconditional, conditioned only on the timestep.
 
-``"paper"`` is the authors' network (REFERENCE.md section 3): block_out_channels (128, 128, 256, 256, 512, 512), two
+``"paper"`` is the authors' network (docs/METHOD.md section 3): block_out_channels (128, 128, 256, 256, 512, 512), two
 ResNet layers per block, self-attention only at the 2x2 level (one AttnDownBlock2D / AttnUpBlock2D pair) and in the
 middle block; 113.68 M parameters for 4 in / 4 out channels. ``"cpu"`` keeps the same shape at a few M parameters for
 2-core training, ``"tiny"`` is for unit tests.

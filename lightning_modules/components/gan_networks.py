@@ -1,4 +1,4 @@
-"""Networks of the CycleGAN baseline (REFERENCE.md section 6): ResNet generator, PatchGAN discriminator, image pool.
+"""Networks of the CycleGAN baseline (docs/METHOD.md section 6): ResNet generator, PatchGAN discriminator, image pool.
 
 - :class:`ResnetGenerator` - the image-transformation network of Johnson et al. 2016 ("Perceptual losses for
   real-time style transfer") as used by CycleGAN (Zhu et al. 2017, appendix 7.2): ``c7s1-64, d128, d256, R256 x 9,

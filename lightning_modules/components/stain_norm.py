@@ -1,6 +1,6 @@
 """Differentiable sRGB <-> CIE Lab conversion and the learnable Lab stain-normalisation layer of the classifier study.
 
-The downstream classifier of LatentArtiFusion (REFERENCE.md section 8) puts a learnable Lab stain normalisation in
+The downstream classifier of LatentArtiFusion (docs/METHOD.md section 8) puts a learnable Lab stain normalisation in
 front of the CNN: every image's per-channel Lab mean and standard deviation are standardised and mapped onto learnable
 target statistics initialised to mean (54, 24, -21) and std (22, 8, 9), a Reinhard-style normalisation whose
 targets are trained with the network.

@@ -1,6 +1,6 @@
 """Swin-UNet denoiser with a time token: the pixel-space network of ArtiFusion (MICCAI 2023, arXiv 2307.14262).
 
-Architecture (REFERENCE.md section 5):
+Architecture (docs/METHOD.md section 5):
 
 - Swin-UNet (Cao et al. 2022): a 4x4 patch embedding, an encoder of Swin Transformer stages (Liu et al. 2021: window
   self-attention with a relative position bias, alternating regular and shifted windows) joined by patch merging, a

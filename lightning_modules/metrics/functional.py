@@ -8,7 +8,7 @@ same metric computed on the uint8 arrays (scikit-image, piq) with ``data_range=2
 Metrics, for a region ``R`` with ``n`` pixels (3 channels each):
 
 - ``l2``: per-image SUM of squared errors over the region's pixels and channels (0-255 scale). This is the L2 the
-  authors meant; their script computed it in wrapping uint8 (REFERENCE.md section 7). Lower is better.
+  authors meant; their script computed it in wrapping uint8 (docs/METHOD.md section 7). Lower is better.
 - ``mse``: ``l2 / (3 n)``. Lower is better.
 - ``psnr``: ``10 log10(255^2 / mse)`` per image (dB); higher is better. Identical images would give ``+inf``; the MSE
   is clamped at ``PSNR_MSE_FLOOR = 1e-10`` (0-255 scale) so a perfect region scores a finite
@@ -26,7 +26,7 @@ Empty regions: a region with no pixels in an image gives NaN for every metric of
 silent 0). NaN also arises, rarely, where a region lies entirely inside SSIM's 5 px border crop or has ``PC_m = 0``
 everywhere (perfectly flat). :class:`~lightning_modules.metrics.masked.RegionMetrics` excludes NaNs from its means.
 
-``mode="paper"`` reproduces the authors' data-range choices (REFERENCE.md section 7) so magnitudes can be compared
+``mode="paper"`` reproduces the authors' data-range choices (docs/METHOD.md section 7) so magnitudes can be compared
 with the published tables, and prefixes every key with ``paper_`` (``whole/paper_psnr``) so it is never mistaken for a
 standard value:
 
