@@ -7,8 +7,12 @@ Examples:
 Writes ``OUT/clean/``, ``OUT/corrupted/`` and ``OUT/masks/`` with the same file names (masks are 8-bit PNG with
 255 = artifact, 0 = clean) and ``OUT/manifest.json`` (arguments and per-image artifact types). The same arguments
 give byte-identical files. ``--bundled`` takes tiles from the TEST split of the offline sample slides (spatially
-disjoint from the tiles the demo trains on); ``--images`` tiles every image of a folder. When ``--count`` exceeds the
-number of tiles, tiles are reused with different corruptions.
+disjoint from the tiles the demo trains on); ``--split unseen`` instead takes the whole bundled images that hold no
+train tile at all (tissue no model of the suite trains on: with the default seed the HistoQC templates 1 and 3);
+``--images`` tiles every image of a folder. When ``--count`` exceeds the number of tiles, tiles are reused with
+different corruptions; when it is smaller, the triplets are spread evenly over the tile list.
+``--balanced`` gives every tile exactly one artifact, the types taken in turn, so that a per-type table compares
+like with like.
 """
 
 import argparse
@@ -20,11 +24,11 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from datamodules.artifacts import ARTIFACT_TYPES, ArtifactSynthesizer
+from datamodules.artifacts import ARTIFACT_TYPES, DEFAULT_TYPES, ArtifactSynthesizer
 from datamodules.datasets import sample_rng
 from datamodules.imageio import write_image_atomic, write_mask_atomic
 from datamodules.sources import bundled_sources, sources_from_spec
-from datamodules.splits import tiles_for_split
+from datamodules.splits import assign_regions, tiles_for_split
 from datamodules.tiling import grid_tiles
 
 log = logging.getLogger("datamodules.synthesize")
@@ -39,9 +43,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--count", type=int, default=16, help="number of triplets to write")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=256, help="tile edge in pixels")
-    p.add_argument("--types", default=",".join(ARTIFACT_TYPES), help=f"comma list of {','.join(ARTIFACT_TYPES)}")
+    p.add_argument("--types", default=",".join(DEFAULT_TYPES),
+                   help=f"comma list of {','.join(ARTIFACT_TYPES)} (default: every synthetic type; pen uses real "
+                        "HistoQC pen-mark and coverslip-edge outlines and is held out of training)")
     p.add_argument("--max-artifacts", type=int, default=2, help="artifacts per tile are drawn from 1..this")
-    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="bundled split to draw from")
+    p.add_argument("--split", default="test", choices=("train", "val", "test", "unseen"),
+                   help="bundled split to draw from; unseen = whole images that hold no train tile")
+    p.add_argument("--balanced", action="store_true",
+                   help="one artifact per tile, the --types in turn (equal counts per type)")
     p.add_argument("--min-tissue", type=float, default=0.5, help="minimum tissue fraction of a tile")
     p.add_argument("--stride", type=int, help="tiling stride (default: size // 2 for --bundled, size for --images)")
     p.add_argument("--out", type=Path, required=True)
@@ -50,7 +59,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def collect_tiles(args: argparse.Namespace) -> tuple[list, list]:
     """Sources and ``(source index, TileRef)`` pairs the triplets are cut from."""
-    if args.bundled:
+    if args.bundled and args.split == "unseen":
+        sources = bundled_sources()
+        stride = args.stride or args.size // 4
+        tiles = []
+        for i, (src, regions) in enumerate(zip(sources, assign_regions(sources), strict=True)):
+            if not regions["train"]:
+                refs = grid_tiles(src.tissue(), size=args.size, stride=stride, min_tissue=args.min_tissue,
+                                  source=src.name, scale=src.tissue_scale, shape=src.shape())
+                tiles += [(i, ref) for ref in refs]
+    elif args.bundled:
         sources = bundled_sources()
         stride = args.stride or args.size // 2
         tiles = tiles_for_split(sources, args.split, size=args.size, stride=stride, min_tissue=args.min_tissue)
@@ -79,22 +97,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.count < 1:
         raise SystemExit(f"--count must be >= 1, got {args.count}")
     synth = ArtifactSynthesizer(types=types, min_artifacts=1, max_artifacts=args.max_artifacts)
+    per_type = {t: ArtifactSynthesizer(types=[t], min_artifacts=1, max_artifacts=1) for t in types}
     sources, tiles = collect_tiles(args)
     for sub in ("clean", "corrupted", "masks"):
         (args.out / sub).mkdir(parents=True, exist_ok=True)
     records = []
     for i in tqdm(range(args.count), desc="synthesising", unit="tile"):
-        src_idx, ref = tiles[i % len(tiles)]
+        # fewer triplets than tiles: spread them evenly over the tile list (every source gets its share)
+        src_idx, ref = tiles[(i * len(tiles)) // args.count if args.count <= len(tiles) else i % len(tiles)]
         source = sources[src_idx]
         clean = source.read_region(ref.x, ref.y, ref.size, ref.size)
-        res = synth(clean, sample_rng(args.seed, "test", i))
+        res = (per_type[types[i % len(types)]] if args.balanced else synth)(clean, sample_rng(args.seed, "test", i))
         name = f"{i:04d}_{Path(source.name).stem}_x{ref.x:05d}_y{ref.y:05d}.png"
         write_image_atomic(args.out / "clean" / name, clean)
         write_image_atomic(args.out / "corrupted" / name, res.corrupted)
         write_mask_atomic(args.out / "masks" / name, res.mask)
         records.append({"name": name, "source": source.name, "x": ref.x, "y": ref.y, "types": res.types,
                         "artifact_fraction": round(float(res.mask.mean()), 6)})
-    manifest = {"seed": args.seed, "size": args.size, "types": list(types), "max_artifacts": args.max_artifacts,
+    manifest = {"seed": args.seed, "size": args.size, "types": list(types),
+                "max_artifacts": 1 if args.balanced else args.max_artifacts, "balanced": args.balanced,
                 "split": args.split if args.bundled else None, "mask_convention": "255 = artifact",
                 "synthesizer": synth.to_config(), "items": records}
     tmp = args.out / "manifest.json.tmp"

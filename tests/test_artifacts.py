@@ -7,7 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from datamodules.artifacts import ARTIFACT_TYPES, ArtifactSpec, ArtifactSynthesizer, ArtifactTransform, SynthesisResult
+from datamodules.artifacts import (
+    ARTIFACT_TYPES,
+    DEFAULT_TYPES,
+    ArtifactSpec,
+    ArtifactSynthesizer,
+    ArtifactTransform,
+    SynthesisResult,
+)
 from datamodules.artifacts.base import commit_change, ensure_changed
 from datamodules.artifacts.optics import od_to_rgb, rgb_to_od
 
@@ -25,7 +32,9 @@ def _check_exact(clean: np.ndarray, corrupted: np.ndarray, mask: np.ndarray) -> 
 
 
 def test_registry_has_the_contract_names():
-    assert set(ARTIFACT_TYPES) == {"fold", "ink", "bubble", "blur", "thread", "debris", "stain"}
+    assert set(ARTIFACT_TYPES) == {"fold", "ink", "bubble", "blur", "thread", "debris", "stain", "pen"}
+    assert set(DEFAULT_TYPES) == set(ARTIFACT_TYPES) - {"pen"}, "the real-outline type is held out of training"
+    assert ArtifactSynthesizer().types == DEFAULT_TYPES
     for name, cls in ARTIFACT_TYPES.items():
         assert issubclass(cls, ArtifactSpec) and cls.name == name
 
@@ -80,7 +89,7 @@ def _mean_od_change(clean, corrupted, mask):
     return float((rgb_to_od(corrupted[mask]) - rgb_to_od(clean[mask])).mean())
 
 
-@pytest.mark.parametrize("name", ["fold", "ink", "thread", "debris"])
+@pytest.mark.parametrize("name", ["fold", "ink", "thread", "debris", "pen"])
 def test_absorbing_artifacts_darken(name, he_tiles):
     for seed, clean in enumerate(he_tiles[:4]):
         corrupted, mask = ARTIFACT_TYPES[name]().apply(clean, np.random.default_rng(seed))
@@ -277,3 +286,19 @@ def test_core_imports_without_torch_or_lightning():
     )
     root = Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root, env={"NO_ALBUMENTATIONS_UPDATE": "1"})
+
+
+def test_pen_marks_take_real_outlines_and_colours(he_tile):
+    from datamodules.artifacts.real_shapes import pen_colors_od, shape_masks
+
+    masks = shape_masks()
+    assert len(masks) == 4 and all(m.dtype == bool and m.any() for m in masks)
+    colors = pen_colors_od()
+    assert set(colors) == {"green", "red", "black"}
+    assert colors["green"][0] > colors["green"][1], "green ink absorbs red light most"
+    assert colors["red"][1] > colors["red"][0], "red ink absorbs green light most"
+    corrupted, mask = ARTIFACT_TYPES["pen"](colors=("green",)).apply(he_tile, np.random.default_rng(0))
+    od = rgb_to_od(corrupted[mask]) - rgb_to_od(he_tile[mask])
+    assert od[:, 0].mean() > od[:, 1].mean()
+    with pytest.raises(ValueError, match="colors"):
+        ARTIFACT_TYPES["pen"](colors=("purple",))

@@ -17,11 +17,13 @@ Example::
 from datamodules.artifacts.base import ArtifactSpec
 from datamodules.artifacts.foreign import DebrisSpec, InkSpec, ThreadSpec
 from datamodules.artifacts.mixture import ArtifactSynthesizer, SynthesisResult
-from datamodules.artifacts.registry import ARTIFACT_TYPES
+from datamodules.artifacts.real_shapes import PenMarkSpec
+from datamodules.artifacts.registry import ARTIFACT_TYPES, DEFAULT_TYPES
 from datamodules.artifacts.tissue import BlurSpec, BubbleSpec, FoldSpec, StainSpec
 
 __all__ = [
     "ARTIFACT_TYPES",
+    "DEFAULT_TYPES",
     "ArtifactSpec",
     "ArtifactSynthesizer",
     "ArtifactTransform",
@@ -30,6 +32,7 @@ __all__ = [
     "DebrisSpec",
     "FoldSpec",
     "InkSpec",
+    "PenMarkSpec",
     "StainSpec",
     "SynthesisResult",
     "ThreadSpec",

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from datamodules.artifacts.base import ArtifactSpec, check_image, ensure_changed
-from datamodules.artifacts.registry import ARTIFACT_TYPES, spec_class
+from datamodules.artifacts.registry import ARTIFACT_TYPES, DEFAULT_TYPES, spec_class
 
 _CONFIG_KEYS = ("types", "weights", "min_artifacts", "max_artifacts", "params")
 
@@ -38,7 +38,8 @@ class ArtifactSynthesizer:
     affects everything), each on the output of the previous one.
 
     Args:
-        types: artifact type names to draw from (keys of ``ARTIFACT_TYPES``), no duplicates.
+        types: artifact type names to draw from (keys of ``ARTIFACT_TYPES``), no duplicates; default
+            ``DEFAULT_TYPES`` (every synthetic type; the real-outline ``pen`` type is held out).
         weights: relative probability of each type (aligned with ``types``); None = uniform.
         min_artifacts: fewest artifacts per tile (0 allows clean tiles).
         max_artifacts: most artifacts per tile.
@@ -51,7 +52,7 @@ class ArtifactSynthesizer:
 
     def __init__(
         self,
-        types: Sequence[str] = tuple(ARTIFACT_TYPES),
+        types: Sequence[str] = DEFAULT_TYPES,
         weights: Sequence[float] | None = None,
         min_artifacts: int = 1,
         max_artifacts: int = 2,
