@@ -1,7 +1,7 @@
 """Latent autoencoders: build, load and wrap a diffusers ``AutoencoderKL`` for latent diffusion.
 
 The paper encodes 256x256 RGB tiles with Stable Diffusion 1.5's kl-f8 VAE into 4x32x32 latents scaled by 0.18215 and
-takes a random posterior sample, not the mean (REFERENCE.md section 3). No SD weights exist offline, so this module
+takes a random posterior sample, not the mean (docs/METHOD.md section 3). No SD weights exist offline, so this module
 builds the same architecture (``"kl-f8"``) or smaller ones for CPU training and tests, loads any diffusers-format VAE
 from a local folder (or a hub id when the user is online), and estimates the scaling factor of a newly trained VAE
 once, offline, at export time (ldm's ``scale_by_std`` recomputes it on rank 0 inside training instead).
@@ -20,47 +20,71 @@ from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 
-AutoencoderSize = Literal["kl-f8", "cpu", "tiny"]
+AutoencoderSize = Literal["kl-f8", "cpu", "cpu-wide", "tiny"]
 
-# Every preset has 4 blocks (downsampling factor 2**3 = 8) and 4 latent channels.
+# Every preset has 4 blocks (downsampling factor 2**3 = 8); the latent channels are an argument of build_autoencoder.
 _PRESETS: dict[str, dict] = {
     # Stable Diffusion 1.5 kl-f8 sizes (about 83.7 M parameters).
     "kl-f8": {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "norm_num_groups": 32},
     # Small enough to train on 2 CPU cores in minutes at 256x256 (about 1.4 M parameters).
     "cpu": {"block_out_channels": (32, 64, 64, 64), "layers_per_block": 1, "norm_num_groups": 32},
+    # Twice the width (about 5 M parameters): the "width" lever of docs/VAE.md.
+    "cpu-wide": {"block_out_channels": (64, 128, 128, 128), "layers_per_block": 1, "norm_num_groups": 32},
     # For unit tests on 64x64 images (a few thousand parameters).
     "tiny": {"block_out_channels": (8, 8, 8, 8), "layers_per_block": 1, "norm_num_groups": 4},
 }
 SD_SCALING_FACTOR = 0.18215
 
 
-def build_autoencoder(size: AutoencoderSize = "cpu", *, scaling_factor: float = SD_SCALING_FACTOR) -> AutoencoderKL:
-    """Build a randomly initialised ``AutoencoderKL`` with downsampling factor 8 and 4 latent channels.
+def build_autoencoder(
+    size: AutoencoderSize = "cpu",
+    *,
+    latent_channels: int = 4,
+    mid_block_attention: bool = True,
+    logvar_init: float | None = None,
+    scaling_factor: float = SD_SCALING_FACTOR,
+) -> AutoencoderKL:
+    """Build a randomly initialised ``AutoencoderKL`` with downsampling factor 8.
 
     Args:
-        size: ``"kl-f8"`` (SD 1.5 architecture), ``"cpu"`` (trainable on 2 cores) or ``"tiny"`` (tests).
+        size: ``"kl-f8"`` (SD 1.5 architecture), ``"cpu"`` (trainable on 2 cores), ``"cpu-wide"`` (twice its width)
+            or ``"tiny"`` (tests).
+        latent_channels: Channels of the latent (4 in SD 1.5 and the paper; 8 or 16 reconstruct better, see
+            docs/VAE.md).
+        mid_block_attention: Self-attention in the encoder's and decoder's middle blocks (SD has it; at CPU scale it
+            costs about a third of the training step and was not measurably useful, docs/VAE.md).
+        logvar_init: Start value of the posterior log-variance (the bias of the log-variance half of
+            ``quant_conv``). None keeps diffusers' init (log-variance about 0, i.e. posterior noise as large as the
+            latents themselves, which slows early training); -8 starts from a standard deviation of 0.018.
         scaling_factor: Latent scaling written into ``vae.config``; re-estimate it after training with
             :func:`estimate_scaling_factor`.
 
     Returns:
-        The autoencoder, mapping ``(B, 3, H, W)`` images in ``[-1, 1]`` to ``(B, 4, H/8, W/8)`` latents.
+        The autoencoder, mapping ``(B, 3, H, W)`` images in ``[-1, 1]`` to ``(B, latent_channels, H/8, W/8)``.
 
     Raises:
-        ValueError: If ``size`` is not a known preset.
+        ValueError: If ``size`` is not a known preset or ``latent_channels`` is below 1.
     """
     if size not in _PRESETS:
         raise ValueError(f"unknown autoencoder size {size!r}; expected one of {sorted(_PRESETS)}")
+    if latent_channels < 1:
+        raise ValueError(f"latent_channels must be >= 1, got {latent_channels}")
     preset = _PRESETS[size]
     n_blocks = len(preset["block_out_channels"])
-    return AutoencoderKL(
+    vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * n_blocks,
         up_block_types=("UpDecoderBlock2D",) * n_blocks,
-        latent_channels=4,
+        latent_channels=latent_channels,
         scaling_factor=scaling_factor,
+        mid_block_add_attention=mid_block_attention,
         **preset,
     )
+    if logvar_init is not None:
+        with torch.no_grad():
+            vae.quant_conv.bias[latent_channels:].fill_(logvar_init)
+    return vae
 
 
 def load_autoencoder(
@@ -134,7 +158,7 @@ class LatentCodec(nn.Module):
 
     @property
     def latent_channels(self) -> int:
-        """Number of latent channels (4 for every preset)."""
+        """Number of latent channels (the VAE's ``latent_channels``: 4 in SD, 8 in the suite's CPU VAE)."""
         return int(self.vae.config.latent_channels)
 
     def _scale(self, z: Tensor) -> Tensor:
