@@ -44,7 +44,7 @@ from experiments.benchmarking.records import (
 )
 from experiments.benchmarking.tables import machine_line, peak_table, ratio_table, restore_table, training_table
 from experiments.benchmarking.timing import DTYPES, machine_info, matmul_peak
-from experiments.benchmarking.training import training_records
+from experiments.benchmarking.training import conditional_training_records, training_records
 
 log = logging.getLogger("experiments.benchmark")
 
@@ -138,12 +138,14 @@ def run(args: argparse.Namespace) -> list[dict]:
     records += ratio_records(records)
 
     if args.training:
+        common = {"config": args.config, "precisions": args.precision, "batch_size": args.train_batch,
+                  "max_seconds": args.max_seconds, "warmup": args.warmup}
         if "latent" in methods:
-            records += training_records(geometry, device, config=args.config, precisions=args.precision,
-                                        batch_size=args.train_batch, max_seconds=args.max_seconds,
-                                        warmup=args.warmup)
-        else:
-            log.info("training throughput is measured for the latent denoiser only; --methods has no latent")
+            records += training_records(geometry, device, **common)
+        if "latent-conditional" in methods:
+            records += conditional_training_records(geometry, device, **common)
+        if not {"latent", "latent-conditional"} & set(methods):
+            log.info("training throughput is measured for the latent denoisers only; --methods has neither")
 
     # The peak is measured before and after the work and the higher value used, so that a load burst from another
     # process during one of the two measurements does not inflate the utilisations.

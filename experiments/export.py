@@ -2,6 +2,7 @@
 
     python -m experiments.export vae --ckpt runs/.../best.ckpt --out outputs/vae_klf8 [--sources bundled]
     python -m experiments.export latent --ckpt runs/.../last.ckpt --out outputs/pipeline [--steps 50 --feather 2]
+    python -m experiments.export conditional --ckpt runs/.../last.ckpt --out outputs/pipeline_conditional
     python -m experiments.export artifusion --ckpt runs/.../last.ckpt --out outputs/artifusion [--paper-sampler]
     python -m experiments.export cyclegan --ckpt runs/.../last.ckpt --out outputs/cyclegan
 
@@ -9,6 +10,8 @@
   latents) and writes a diffusers ``AutoencoderKL`` folder for ``--model.init_args.autoencoder``.
 - ``latent``: writes a restoration pipeline (EMA denoiser when trained with EMA, the training noise schedule, the
   VAE the checkpoint was trained with, sampler defaults) for ``experiments.restore --model``.
+- ``conditional``: the same for the mask-conditioned restorer (``latent-conditional``), with its own sampler defaults
+  (``--steps``/``--decode`` default to the measured best, docs/METHOD.md section 9).
 - ``artifusion``: a pixel pipeline; ``--paper-sampler`` stores the paper's RePaint preset (250 steps, jump 10,
   10 resamples: 2410 network evaluations), otherwise ``--steps`` plain steps.
 - ``cyclegan``: the artifact -> clean generator for the ``cyclegan`` restorer.
@@ -20,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-KINDS = ("vae", "latent", "artifusion", "cyclegan")
+KINDS = ("vae", "latent", "conditional", "artifusion", "cyclegan")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,7 +32,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("kind", choices=KINDS)
     p.add_argument("--ckpt", type=Path, required=True, help="Lightning checkpoint written by experiments.train")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--steps", type=int, default=50, help="default sampling steps stored in the pipeline")
+    p.add_argument("--steps", type=int, help="default sampling steps stored in the pipeline (latent/artifusion: 50, "
+                   "conditional: the measured default)")
+    p.add_argument("--decode", choices=("full", "delta", "od-delta"),
+                   help="how sampled latents become pixels (latent: full, conditional: the measured default)")
     p.add_argument("--feather", type=int, default=2, help="paste-back seam width in pixels (into the artifact)")
     p.add_argument("--scheduler", default="ddim", choices=("ddpm", "ddim", "dpmsolver++"))
     p.add_argument("--image-size", type=int, default=256)
@@ -44,8 +50,13 @@ def export(args: argparse.Namespace) -> Path:
     if not args.ckpt.is_file():
         raise SystemExit(f"{args.ckpt} is not a file: pass a checkpoint written by experiments.train")
     from lightning_modules.components.regional_sampler import SamplerConfig
+    from lightning_modules.conditional_latent import CONDITIONAL_SAMPLER
 
-    sampler = SamplerConfig.from_preset("repaint", num_steps=args.steps, feather=args.feather)
+    defaults = CONDITIONAL_SAMPLER if args.kind == "conditional" else {"num_steps": 50, "decode": "full"}
+    chosen = {"num_steps": args.steps, "decode": args.decode}
+    sampler = SamplerConfig.from_preset(
+        "repaint", feather=args.feather, **{**defaults, **{k: v for k, v in chosen.items() if v is not None}}
+    )
     if args.kind == "vae":
         from datamodules.restoration import CleanTileDataModule
         from lightning_modules.autoencoder_module import AutoencoderModule
@@ -56,18 +67,17 @@ def export(args: argparse.Namespace) -> Path:
         val = dm.make_dataset("val")
         images = torch.stack([val[i]["clean"] for i in range(len(val))])
         return Path(module.export(args.out, images=images))
-    if args.kind == "latent":
-        from lightning_modules.components.autoencoders import load_autoencoder
-        from lightning_modules.components.pipeline import save_pipeline
+    if args.kind in ("latent", "conditional"):
+        from lightning_modules.conditional_latent import ConditionalLatentDiffusionModule
         from lightning_modules.latent_diffusion import LatentDiffusionModule
 
-        module = LatentDiffusionModule.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=False)
-        if module.autoencoder_path is None:
-            raise SystemExit(f"{args.ckpt} was trained without an autoencoder path; a latent pipeline needs its VAE")
-        return save_pipeline(args.out, unet=module.sampling_network, scheduler=module.noise_scheduler,
-                             sampler=sampler, vae=load_autoencoder(module.autoencoder_path),
-                             image_size=args.image_size, scheduler_name=args.scheduler,
-                             extra={"checkpoint": str(args.ckpt)})
+        cls = ConditionalLatentDiffusionModule if args.kind == "conditional" else LatentDiffusionModule
+        module = cls.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=False)
+        try:
+            return module.export(args.out, sampler=sampler, image_size=args.image_size,
+                                 scheduler_name=args.scheduler, extra={"checkpoint": str(args.ckpt)})
+        except ValueError as err:
+            raise SystemExit(f"{args.ckpt}: {err}") from err
     if args.kind == "artifusion":
         from lightning_modules.pixel_diffusion import PixelDiffusionModule
 

@@ -93,8 +93,8 @@ def test_min_snr_weights_and_bad_arguments():
     assert module.noise_scheduler.config.beta_schedule == "scaled_linear"
     with pytest.raises(ValueError, match="l1"):
         _module(loss_weighting="l1")
-    with pytest.raises(ValueError, match="v_prediction"):
-        _module(scheduler={"prediction_type": "v_prediction"})
+    with pytest.raises(ValueError, match="sample"):
+        _module(scheduler={"prediction_type": "sample"})
     with pytest.raises(ValueError, match="autoencoder=None"):
         _module().model_step({"clean": real_crops(1)})
 

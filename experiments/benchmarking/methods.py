@@ -1,4 +1,4 @@
-"""Restore benchmarks of the three methods with random weights: what one tile costs in seconds and FLOPs.
+"""Restore benchmarks of the four methods with random weights: what one tile costs in seconds and FLOPs.
 
 A method is split into the parts a restore is made of, each timed on its own:
 
@@ -31,13 +31,14 @@ from experiments.benchmarking.timing import autocast, count_flops, measure
 
 log = logging.getLogger(__name__)
 
-METHODS = ("latent", "artifusion", "cyclegan")
+METHODS = ("latent", "latent-conditional", "artifusion", "cyclegan")
 LATENT_STEPS = 50
 STEP_PROBE = 10
 
 # Modules each method needs (checked lazily, so a baseline still being written does not break the latent bench).
 _REQUIRES: dict[str, tuple[str, ...]] = {
     "latent": ("lightning_modules.components.pipeline", "lightning_modules.components.denoisers"),
+    "latent-conditional": ("lightning_modules.components.pipeline", "lightning_modules.conditional_latent"),
     "artifusion": ("lightning_modules.components.swin_unet", "lightning_modules.components.artifusion"),
     "cyclegan": ("lightning_modules.components.gan_networks", "lightning_modules.baselines.cyclegan"),
 }
@@ -248,11 +249,13 @@ class _DiffusionBench(MethodBench):
         return lambda: codec.encode(x, generator=g)
 
     def decode_fn(self, x: Tensor) -> Callable[[], Any] | None:
-        """VAE decode of latents of the batch's shape."""
+        """VAE decode of latents of the batch's shape (twice as many when the decode mode decodes the change)."""
         codec = self.pipeline.codec
         if codec is None:
             return None
         z = self._latent(x)
+        if self.pipeline.sampler_config.decode != "full":
+            z = torch.cat([z, z])  # decode_latents decodes the restored and the input latents in one call
         return lambda: codec.decode(z)
 
     def paste_fn(self, x: Tensor, mask: Tensor) -> Callable[[], Any] | None:
@@ -320,6 +323,59 @@ class LatentBench(_DiffusionBench):
         super().__init__(geometry, device, pipeline)
 
 
+class ConditionalBench(_DiffusionBench):
+    """latent-conditional: as :class:`LatentBench` with the ``2C + 1``-channel input.
+
+    The sampler defaults are the conditional's (``CONDITIONAL_SAMPLER``: few steps, decode the change, which costs
+    one more VAE decode).
+    """
+
+    name = "latent-conditional"
+
+    def __init__(self, geometry: Geometry, device: torch.device) -> None:
+        from diffusers import DDPMScheduler
+
+        from lightning_modules.components.autoencoders import build_autoencoder
+        from lightning_modules.components.conditioning import conditional_channels
+        from lightning_modules.components.denoisers import build_unet
+        from lightning_modules.components.pipeline import RestorationPipeline
+        from lightning_modules.components.regional_sampler import SamplerConfig
+        from lightning_modules.conditional_latent import CONDITIONAL_SAMPLER, CONDITIONAL_SCHEDULER
+        from lightning_modules.latent_diffusion import PAPER_SCHEDULER
+
+        vae = build_autoencoder(geometry.vae)
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        channels = vae.config.latent_channels
+        unet = build_unet(geometry.unet, sample_size=geometry.image_size // factor,
+                          in_channels=conditional_channels(channels), out_channels=channels)
+        pipeline = RestorationPipeline(
+            unet, DDPMScheduler(**{**PAPER_SCHEDULER, **CONDITIONAL_SCHEDULER}),
+            SamplerConfig.from_preset("repaint", **CONDITIONAL_SAMPLER), vae, name="latent-conditional",
+            image_size=geometry.image_size, conditional=True,
+        )
+        super().__init__(geometry, device, pipeline)
+
+    def eval_fn(self, x: Tensor, mask: Tensor) -> Callable[[], Any]:
+        """One denoiser call on ``[z_t, mask, z_corrupted]`` at a mid-chain timestep."""
+        from lightning_modules.components.conditioning import condition_denoiser
+        from lightning_modules.components.masks import to_latent_mask
+        from lightning_modules.components.pipeline import unet_callable
+
+        z = self._latent(x)
+        latent_mask = to_latent_mask(mask, self.pipeline.factor).to(z.dtype)
+        t = torch.full((z.shape[0],), self.pipeline.noise_scheduler.config.num_train_timesteps // 2,
+                       dtype=torch.long, device=z.device)
+        denoiser = condition_denoiser(unet_callable(self.network), latent_mask, z)
+
+        def run() -> Tensor:
+            with torch.no_grad():
+                out = denoiser(z, t)
+            self._out_channels = out.shape[1]
+            return out
+
+        return run
+
+
 class ArtiFusionBench(_DiffusionBench):
     """Pixel ArtiFusion: Swin-UNet in pixel space, RePaint 250 steps, j = 10, r = 10 (2410 NFE), paste-back."""
 
@@ -380,7 +436,8 @@ def build_bench(method: str, geometry: Geometry, device: torch.device) -> Method
     Raises:
         ValueError: For an unknown method.
     """
-    benches = {"latent": LatentBench, "artifusion": ArtiFusionBench, "cyclegan": CycleGANBench}
+    benches = {"latent": LatentBench, "latent-conditional": ConditionalBench, "artifusion": ArtiFusionBench,
+               "cyclegan": CycleGANBench}
     if method not in benches:
         raise ValueError(f"unknown method {method!r}; expected one of {tuple(benches)}")
     bench = benches[method](geometry, device)

@@ -59,13 +59,16 @@ def ratio_table(records: list[dict]) -> str:
 def training_table(records: list[dict]) -> str:
     """Denoiser training images per second with and without the latent cache."""
     rows = [
-        [r["config"], r["precision"], str(r["batch_size"]), "yes" if r["latent_cache"] else "no",
-         _fmt(r["images_per_second"], ".4g"), _fmt(r["seconds_per_step"], ".4g"), _fmt(r["cache_speedup"], ".2f"),
+        [r.get("method", "latent"), r["config"], r["precision"], str(r["batch_size"]),
+         "yes" if r["latent_cache"] else "no", _fmt(r["images_per_second"], ".4g"), _fmt(r["seconds_per_step"], ".4g"),
+         _fmt(r["cache_speedup"], ".2f"),
+         _fmt(r["cache_build_images_per_second"], ".4g") if r.get("latent_cache") and "cache_build_images_per_second"
+         in r else "-",
          _fmt(r["flops_per_step"] / 1e9, ".4g"), _pct(r["utilisation"]), str(r["steps"])]
         for r in records if r.get("record") == "training"
     ]
-    header = ["config", "precision", "batch", "latent cache", "images/s", "s/step", "cache speed-up", "GFLOP/step",
-              "util", "steps timed"]
+    header = ["method", "config", "precision", "batch", "latent cache", "images/s", "s/step", "cache speed-up",
+              "cache build images/s", "GFLOP/step", "util", "steps timed"]
     return markdown_table(header, rows)
 
 

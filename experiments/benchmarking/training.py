@@ -122,7 +122,122 @@ def training_records(
                     "flops_per_step": flops,
                     "achieved_flops_per_second": flops / timing.median,
                 })
+    _add_cache_speedups(records)
+    return records
+
+
+def _add_cache_speedups(records: list[dict]) -> None:
+    """``cache_speedup`` = images/s with the cache over images/s without it, at the same precision."""
     for r in records:
         twin = next(o for o in records if o["precision"] == r["precision"] and o["latent_cache"] != r["latent_cache"])
         r["cache_speedup"] = (r["images_per_second"] / twin["images_per_second"]) if r["latent_cache"] else 1.0
+
+
+def conditional_training_records(
+    geometry: Geometry,
+    device: torch.device,
+    *,
+    config: str,
+    precisions: list[str],
+    batch_size: int,
+    max_seconds: float,
+    warmup: int,
+    variants: int = 8,
+) -> list[dict]:
+    """Images per second of ``latent-conditional`` training: restoration latent cache vs encoding on the fly.
+
+    - **with cache**: batches of a real restoration cache (``datamodules/restoration_latents.py``) built first from
+      real bundled train tiles with ``variants`` synthesised corruptions each; its build rate (synthesis + two
+      encodes per variant) is reported as ``cache_build_images_per_second``.
+    - **without cache**: real bundled tiles corrupted on the fly by the artifact mixture (``OnlineArtifactDataset``,
+      synthesis included in the timing), then clean and corrupted tiles encoded by the frozen VAE in every step.
+
+    Returns:
+        One ``"training"`` record per (precision, cache) pair, ``method = "latent-conditional"``.
+    """
+    import time
+
+    from datamodules.artifacts import ArtifactSynthesizer
+    from datamodules.datasets import OnlineArtifactDataset, TileDataset
+    from datamodules.restoration_latents import RestorationLatentDataset, build_restoration_cache
+    from datamodules.sources import bundled_sources
+    from datamodules.splits import tiles_for_split
+    from lightning_modules.components.autoencoders import LatentCodec, build_autoencoder
+    from lightning_modules.components.conditioning import conditional_channels
+    from lightning_modules.components.denoisers import build_unet
+    from lightning_modules.conditional_latent import ConditionalLatentDiffusionModule
+
+    codec = LatentCodec(build_autoencoder(geometry.vae))
+    latent_size = geometry.image_size // codec.factor
+    channels = codec.latent_channels
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
+        module = ConditionalLatentDiffusionModule(
+            build_unet(geometry.unet, sample_size=latent_size, in_channels=conditional_channels(channels),
+                       out_channels=channels), autoencoder=None, ema_decay=None)
+    module.codec = codec
+    module = module.to(device).train()
+    optimizer = torch.optim.AdamW(module.denoiser.parameters(), lr=1e-4, weight_decay=1e-2)
+    sources = bundled_sources()
+    tiles = tiles_for_split(sources, "train", size=geometry.image_size, stride=geometry.image_size)[: 2 * batch_size]
+    synthesizer = ArtifactSynthesizer()
+    online = OnlineArtifactDataset(sources, tiles, synthesizer=synthesizer, split="train")
+
+    def pixel_batches() -> Iterator[dict]:
+        epoch = 0
+        while True:
+            yield from DataLoader([(epoch, i) for i in range(len(online))], batch_size=batch_size, shuffle=False,
+                                  collate_fn=lambda items: torch.utils.data.default_collate([online[i] for i in items]))
+            epoch += 1
+
+    records = []
+    with tempfile.TemporaryDirectory(prefix="bench_restoration_cache_") as tmp:
+        start = time.perf_counter()
+        build_restoration_cache(codec, TileDataset(sources, tiles, split="train"), Path(tmp), synthesizer=synthesizer,
+                                variants=variants, device=device, progress=False)
+        build_rate = len(tiles) * variants / (time.perf_counter() - start)
+        dataset = RestorationLatentDataset(Path(tmp), split="train")
+
+        def cache_batches() -> Iterator[dict]:
+            while True:
+                yield from DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=0)
+
+        sources_of = {True: cache_batches(), False: pixel_batches()}
+        keys = {True: ("latent", "latent_corrupted", "latent_mask"), False: ("clean", "corrupted", "artifact_mask")}
+        for precision in precisions:
+            for use_cache in (True, False):
+
+                def step(use_cache: bool = use_cache, precision: str = precision) -> torch.Tensor:
+                    raw = next(sources_of[use_cache])
+                    batch = {k: raw[k].to(device) for k in keys[use_cache]}
+                    optimizer.zero_grad(set_to_none=True)
+                    with autocast(device, precision):
+                        loss = module.model_step(batch)["loss"]
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(module.denoiser.parameters(), 1.0)
+                    optimizer.step()
+                    return loss
+
+                log.info("conditional training: %s batch %d, cache %s", precision, batch_size, use_cache)
+                with autocast(device, precision):
+                    flops = count_flops(step)
+                timing = measure(step, device, max_seconds=max_seconds, warmup=warmup)
+                records.append({
+                    "record": "training",
+                    "method": "latent-conditional",
+                    "config": config,
+                    "precision": precision,
+                    "batch_size": batch_size,
+                    "latent_cache": use_cache,
+                    "device": str(device),
+                    "threads": torch.get_num_threads(),
+                    "seconds_per_step": timing.median,
+                    "steps": timing.reps,
+                    "images_per_second": batch_size / timing.median,
+                    "flops_per_step": flops,
+                    "achieved_flops_per_second": flops / timing.median,
+                    "cache_variants": variants,
+                    "cache_build_images_per_second": build_rate,
+                })
+    _add_cache_speedups(records)
     return records

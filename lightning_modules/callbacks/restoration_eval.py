@@ -53,6 +53,8 @@ class RestorationEvalCallback(Callback):
         baselines: Registered restorers scored once on the same tiles (e.g. ``["identity", "telea"]``).
         seed: Seed of the corruptions and of the sampler noise.
         metrics: Metric names (FSIM is the slowest).
+        sampler: Extra ``SamplerConfig`` fields (e.g. ``{"decode": "delta"}``); they win over the module's own
+            ``sampler_defaults`` (the conditional restorer's mask dilation).
 
     Raises:
         ValueError: If ``num_tiles``, ``every_n_epochs`` or ``num_steps`` is below 1.
@@ -70,6 +72,7 @@ class RestorationEvalCallback(Callback):
         baselines: list[str] | None = None,
         seed: int = 0,
         metrics: list[str] | None = None,
+        sampler: dict | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("num_tiles", num_tiles), ("every_n_epochs", every_n_epochs), ("num_steps", num_steps)):
@@ -80,6 +83,8 @@ class RestorationEvalCallback(Callback):
         self.baselines = list(baselines if baselines is not None else ["identity", "telea"])
         self.seed = seed
         self.metrics = tuple(metrics or METRICS)
+        self.sampler_overrides = dict(sampler or {})
+        SamplerConfig.from_preset(preset, num_steps=num_steps, **self.sampler_overrides)  # fail at config time
         self.batch: dict | None = None
         self.baseline_scores: dict[str, dict[str, float]] = {}
 
@@ -146,7 +151,8 @@ class RestorationEvalCallback(Callback):
         codec = self._codec(pl_module)
         batch = self._fixed_batch()
         device = pl_module.device
-        config = SamplerConfig.from_preset(self.preset, num_steps=self.num_steps)
+        overrides = {**getattr(pl_module, "sampler_defaults", {}), **self.sampler_overrides}
+        config = SamplerConfig.from_preset(self.preset, num_steps=self.num_steps, **overrides)
         sched = build_scheduler(
             self.scheduler if self.preset == "repaint" else "ddpm", dict(pl_module.noise_scheduler.config)
         )
@@ -162,6 +168,7 @@ class RestorationEvalCallback(Callback):
             batch["artifact_mask"].to(device),
             factor=codec.factor,
             generator=generator,
+            conditional=getattr(pl_module, "conditional", False),
         )
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

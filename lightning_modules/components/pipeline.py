@@ -3,15 +3,18 @@
 Layout (diffusers ``save_pretrained`` formats plus one JSON file)::
 
     PIPELINE_DIR/
-      pipeline.json     # kind ("latent" or "pixel"), denoiser class, sampler settings, scheduler name, image size
+      pipeline.json     # kind ("latent" or "pixel"), conditional (bool), denoiser class, sampler settings,
+                        # scheduler name, image size
       unet/             # the denoiser in diffusers format (UNet2DModel, or any ModelMixin+ConfigMixin such as the
                         # pixel baseline's Swin-UNet); EMA weights when training used EMA
       scheduler/        # the training noise schedule (diffusers DDPMScheduler config)
       vae/              # diffusers AutoencoderKL (latent pipelines only)
 
 ``RestorationPipeline.from_pretrained(dir)`` loads it; ``restore(corrupted, artifact_mask)`` runs the regional
-sampler (REFERENCE.md sections 3-4) with the stored settings, any of which can be overridden per call (preset, step
-count, scheduler, strength, ...). The same class serves pixel-space models (``kind="pixel"``: no VAE, factor 1).
+sampler (docs/METHOD.md sections 3-4) with the stored settings, any of which can be overridden per call (preset, step
+count, scheduler, strength, ...). The same class serves pixel-space models (``kind="pixel"``: no VAE, factor 1) and
+the mask-conditioned restorer (``conditional: true``: the denoiser also takes the latent mask and the corrupted
+latent, see ``components/conditioning.py``).
 """
 
 import contextlib
@@ -69,6 +72,7 @@ def save_pipeline(
     vae: AutoencoderKL | None = None,
     image_size: int = 256,
     scheduler_name: str = "ddpm",
+    conditional: bool = False,
     extra: dict | None = None,
 ) -> Path:
     """Write a pipeline folder (atomically: built in a temp folder, then renamed over ``path``).
@@ -81,6 +85,7 @@ def save_pipeline(
         vae: The autoencoder for latent pipelines; None for pixel-space pipelines.
         image_size: Tile edge in pixels the pipeline was trained for.
         scheduler_name: Default sampling scheduler (``"ddpm"``, ``"ddim"``, ``"dpmsolver++"``).
+        conditional: The denoiser is a mask-conditioned restorer (input ``[z_t, mask, z_corrupted]``).
         extra: Extra JSON-serialisable facts (training run, metrics) stored under ``"extra"``.
 
     Returns:
@@ -98,6 +103,7 @@ def save_pipeline(
     meta = {
         "format_version": FORMAT_VERSION,
         "kind": "latent" if vae is not None else "pixel",
+        "conditional": bool(conditional),
         "denoiser_class": class_path(unet),
         "image_size": image_size,
         "scheduler_name": scheduler_name,
@@ -128,6 +134,8 @@ class RestorationPipeline(torch.nn.Module):
         scheduler_name: Default sampling scheduler name.
         precision: ``"fp32"``, ``"bf16"`` (fast on AMX CPUs and recent GPUs) or ``"fp16"`` (GPU) autocast.
         name: Method name used in reports.
+        image_size: Tile edge in pixels the pipeline was trained for.
+        conditional: The denoiser takes ``[z_t, latent_mask, z_corrupted]`` (``components/conditioning.py``).
     """
 
     def __init__(
@@ -141,6 +149,7 @@ class RestorationPipeline(torch.nn.Module):
         precision: str = "fp32",
         name: str = "latent",
         image_size: int = 256,
+        conditional: bool = False,
     ) -> None:
         super().__init__()
         if precision not in PRECISIONS:
@@ -153,6 +162,7 @@ class RestorationPipeline(torch.nn.Module):
         self.precision = precision
         self.name = name
         self.image_size = image_size
+        self.conditional = bool(conditional)
         self.nfe = 0
 
     @property
@@ -182,6 +192,7 @@ class RestorationPipeline(torch.nn.Module):
         vae = None
         if meta["kind"] == "latent":
             vae = AutoencoderKL.from_pretrained(path / "vae", local_files_only=True, low_cpu_mem_usage=False)
+        conditional = bool(meta.get("conditional", False))
         pipe = cls(
             unet,
             scheduler,
@@ -189,8 +200,9 @@ class RestorationPipeline(torch.nn.Module):
             vae,
             scheduler_name=meta.get("scheduler_name", "ddpm"),
             precision=precision,
-            name=name or ("latent" if meta["kind"] == "latent" else "pixel"),
+            name=name or ("pixel" if meta["kind"] != "latent" else "latent-conditional" if conditional else "latent"),
             image_size=meta.get("image_size", 256),
+            conditional=conditional,
         )
         return pipe.to(device)
 
@@ -204,6 +216,7 @@ class RestorationPipeline(torch.nn.Module):
             vae=self.codec.vae if self.codec is not None else None,
             image_size=self.image_size,
             scheduler_name=self.scheduler_name,
+            conditional=self.conditional,
         )
 
     def _autocast(self, device: torch.device):
@@ -266,23 +279,35 @@ class RestorationPipeline(torch.nn.Module):
                 artifact_mask,
                 factor=self.factor,
                 generator=generator,
+                conditional=self.conditional,
             )
         self.nfe = sampler.nfe
         return out.float()
 
 
-def _pipeline_factory(preset: str):
+def _pipeline_factory(preset: str, method: str):
     def factory(*, model: str | Path | None = None, device: str = "cpu", precision: str = "fp32", **_):
         if model is None:
-            raise ValueError(f"method 'latent{'' if preset == 'repaint' else '-' + preset}' needs --model PIPELINE_DIR")
+            raise ValueError(f"method {method!r} needs --model PIPELINE_DIR")
         pipe = RestorationPipeline.from_pretrained(model, device=device, precision=precision)
+        if pipe.codec is None:
+            raise ValueError(f"method {method!r} needs a latent pipeline; {model} is a pixel-space one (use method "
+                             "artifusion)")
+        if method == "latent-conditional" and not pipe.conditional:
+            raise ValueError(
+                f"{model} holds the unconditional (paper) denoiser; method 'latent-conditional' needs a pipeline "
+                "exported from a conditional run (`python -m experiments.export conditional`, or the demo's "
+                "outputs/demo/pipeline_conditional)"
+            )
         if preset != pipe.sampler_config.preset:
             pipe.sampler_config = SamplerConfig.from_preset(preset)
-        pipe.name = "latent" if preset == "repaint" else f"latent-{preset}"
+        # "latent" is whatever latent pipeline --model holds; its name in reports says which one it is
+        pipe.name = pipe.name if method == "latent" else method
         return pipe
 
     return factory
 
 
-register_restorer("latent")(_pipeline_factory("repaint"))
-register_restorer("latent-reference")(_pipeline_factory("reference"))
+register_restorer("latent")(_pipeline_factory("repaint", "latent"))
+register_restorer("latent-conditional")(_pipeline_factory("repaint", "latent-conditional"))
+register_restorer("latent-reference")(_pipeline_factory("reference", "latent-reference"))

@@ -1,6 +1,6 @@
 """Regional (mask-restricted) reverse diffusion for artifact restoration, in latent or pixel space.
 
-Two presets (see ``docs``/REFERENCE.md sections 3-4):
+Two presets (see ``docs``/docs/METHOD.md sections 3-4):
 
 ``repaint`` (default, textbook)
     Max-pooled latent mask. Start ``x_T = m * noise + (1 - m) * q(z0, T)``; at every step the model's
@@ -31,6 +31,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from torch import Tensor
 
+from lightning_modules.components.conditioning import condition_denoiser
 from lightning_modules.components.masks import check_mask, to_latent_mask
 from lightning_modules.components.masks import feather as feather_mask
 
@@ -55,6 +56,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "known": ("renoise", "clean"),
     "start": ("noise", "z0"),
     "timestep_spacing": (None, "leading", "trailing", "linspace"),
+    "decode": ("full", "delta", "od-delta"),
 }
 # Schedulers whose ``step`` is stateless, so RePaint's jumps may revisit timesteps.
 _JUMP_SAFE = (DDPMScheduler, DDIMScheduler)
@@ -82,6 +84,10 @@ class SamplerConfig:
         timestep_spacing: override the scheduler's ``timestep_spacing`` (None = keep it); the repaint preset uses
             ``"trailing"`` so the first step is t = T - 1 (pure noise), as Lin et al. 2024 recommend.
         steps_offset: override the scheduler's ``steps_offset`` (None = keep it).
+        decode: how the sampled latent becomes the pixels pasted into the mask (see :func:`decode_latents`):
+            ``"full"`` (the decoded restoration), ``"delta"`` (the corrupted tile plus the decoded change,
+            ``x + D(z) - D(z0)``) or ``"od-delta"`` (the same change added in optical density, i.e. multiplied in
+            transmitted light: Beer-Lambert, the physics of stains and inks).
     """
 
     preset: Literal["repaint", "reference"] = "repaint"
@@ -99,6 +105,7 @@ class SamplerConfig:
     eta: float = 0.0
     timestep_spacing: Literal["leading", "trailing", "linspace"] | None = "trailing"
     steps_offset: int | None = None
+    decode: Literal["full", "delta", "od-delta"] = "full"
 
     def __post_init__(self) -> None:
         for key, choices in _CHOICES.items():
@@ -436,6 +443,52 @@ def match_color(decoded: Tensor, reference: Tensor, known_mask: Tensor, eps: flo
     return torch.where(count > 0, matched, decoded)
 
 
+def _optical_density(x: Tensor) -> Tensor:
+    """``[-1, 1]`` images -> optical density ``-ln((I + 1) / 256)`` of the 0-255 intensities (finite at I = 0)."""
+    return -torch.log(((x.float() + 1) * 127.5 + 1) / 256)
+
+
+def _from_optical_density(od: Tensor) -> Tensor:
+    """Inverse of :func:`_optical_density`, clamped to ``[-1, 1]``."""
+    return ((256 * torch.exp(-od) - 1) / 127.5 - 1).clamp(-1, 1)
+
+
+def decode_latents(
+    decode: Callable[[Tensor], Tensor], z: Tensor, z0: Tensor, corrupted_px: Tensor, mode: str = "full"
+) -> Tensor:
+    """Turn sampled latents into the pixels that are pasted into the artifact mask.
+
+    ``"full"`` decodes ``z``: every masked pixel is the autoencoder's rendering, so its reconstruction error caps the
+    result. ``"delta"`` and ``"od-delta"`` decode the *change* instead: ``x + D(z) - D(z0)`` (in intensity) or
+    ``exp(ln x + ln D(z) - ln D(z0))`` (additive in optical density, i.e. a multiplicative correction, the way
+    absorbing stains and inks combine by the Beer-Lambert law). Where the change is smooth (a colour cast, an ink
+    layer, a bubble's shading) the input's fine texture survives instead of being redrawn by the decoder, and the
+    decoder's error on ``x`` largely cancels between ``D(z)`` and ``D(z0)`` (docs/METHOD.md section 9).
+
+    Args:
+        decode: ``z -> (B, 3, H, W)`` images in ``[-1, 1]``.
+        z: Restored latents ``(B, C, h, w)``.
+        z0: Latents of the corrupted input ``(B, C, h, w)`` (only decoded for the delta modes; one batched call).
+        corrupted_px: The corrupted input ``(B, 3, H, W)`` in ``[-1, 1]``.
+        mode: ``"full"``, ``"delta"`` or ``"od-delta"``.
+
+    Returns:
+        ``(B, 3, H, W)``: in ``[-1, 1]`` for the delta modes; ``"full"`` returns the decoder's output unclamped.
+
+    Raises:
+        ValueError: For an unknown ``mode``.
+    """
+    if mode == "full":
+        return decode(z).to(corrupted_px.dtype)
+    if mode not in ("delta", "od-delta"):
+        raise ValueError(f"unknown decode mode {mode!r}; expected one of {_CHOICES['decode']}")
+    restored, reconstructed = decode(torch.cat([z, z0])).to(corrupted_px.dtype).chunk(2)
+    if mode == "delta":
+        return (corrupted_px + restored - reconstructed).clamp(-1, 1)
+    od = _optical_density(corrupted_px) + _optical_density(restored) - _optical_density(reconstructed)
+    return _from_optical_density(od).to(corrupted_px.dtype)
+
+
 def restore(
     encode: Callable[[Tensor], Tensor],
     decode: Callable[[Tensor], Tensor],
@@ -446,6 +499,7 @@ def restore(
     *,
     factor: int,
     generator: torch.Generator | None = None,
+    conditional: bool = False,
 ) -> Tensor:
     """Full regional restoration: encode -> latent mask -> sample -> decode -> colour match -> paste-back.
 
@@ -453,12 +507,15 @@ def restore(
         encode: ``x (B, 3, H, W) in [-1, 1] -> z (B, C, H / factor, W / factor)`` (scaling included); identity
             in pixel space.
         decode: inverse of ``encode``, returning ``(B, 3, H, W)`` roughly in ``[-1, 1]``.
-        sampler: the configured :class:`RegionalSampler` (its config picks mask mode, colour match, paste-back).
-        denoiser: ``denoiser(z_t, t) -> epsilon`` (see :meth:`RegionalSampler.sample`).
+        sampler: the configured :class:`RegionalSampler` (its config picks mask mode, decode mode, colour match,
+            paste-back).
+        denoiser: ``denoiser(z_t, t) -> model output`` (see :meth:`RegionalSampler.sample`); with ``conditional``,
+            ``denoiser(cat[z_t, latent_mask, z0], t)`` (see ``components/conditioning.py``).
         corrupted_px: ``(B, 3, H, W)`` float in ``[-1, 1]``.
         artifact_mask_px: ``(B, 1, H, W)`` binary float, 1 = artifact.
         factor: the autoencoder's downsampling factor (8 for kl-f8; 1 in pixel space).
         generator: seeds the sampler.
+        conditional: the denoiser is a mask-conditioned restorer that also takes the corrupted latent and the mask.
 
     Returns:
         ``(B, 3, H, W)`` float in ``[-1, 1]``. The decoded image is clamped before the paste-back, so with
@@ -474,8 +531,10 @@ def restore(
     cfg = sampler.config
     z0 = encode(corrupted_px)
     latent_mask = to_latent_mask(artifact_mask_px, factor, cfg.mask_mode, cfg.mask_dilate).to(z0.dtype)
+    if conditional:
+        denoiser = condition_denoiser(denoiser, latent_mask, z0)
     z = sampler.sample(denoiser, z0, latent_mask, generator=generator)
-    restored = decode(z).to(corrupted_px.dtype)
+    restored = decode_latents(decode, z, z0, corrupted_px, cfg.decode)
     if cfg.color_match:
         restored = match_color(restored, corrupted_px, 1 - artifact_mask_px)
     restored = restored.clamp(-1, 1)
@@ -488,6 +547,7 @@ __all__ = [
     "RegionalSampler",
     "SamplerConfig",
     "composite",
+    "decode_latents",
     "match_color",
     "resample_schedule",
     "restore",
