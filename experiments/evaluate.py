@@ -12,7 +12,7 @@ Writes ``OUT/metrics.csv`` (long form: method,image,region,metric,value; regions
 metrics l2/mse/psnr/ssim/fsim), ``OUT/summary.json`` (means, 95 % bootstrap intervals, paired differences against
 the first method, seconds per tile and NFE, skipped files), ``OUT/report.md`` and ``OUT/grid.png`` (worst and best
 tiles per method). Metrics are the standard ones (float, data range 255 on the 0-255 scale); ``--paper-compatible``
-adds the authors' data-range variants as separate, ``paper_``-prefixed rows (REFERENCE.md section 7). ``--wandb``
+adds the authors' data-range variants as separate, ``paper_``-prefixed rows (docs/METHOD.md section 7). ``--wandb``
 also logs a table and the grid (offline unless the user has a key and sets WANDB_MODE=online).
 """
 
@@ -20,12 +20,21 @@ import argparse
 import csv
 import json
 import logging
+import math
 import os
 import sys
 import time
 from pathlib import Path
 
-from experiments.report import by_artifact_type, comparison_grid, markdown_tables, summarize, write_json_atomic
+from experiments.report import (
+    by_artifact_type,
+    comparison_grid,
+    markdown_tables,
+    summarize,
+    type_tables,
+    verdict_table,
+    write_json_atomic,
+)
 from experiments.scoring import iter_scores, match_names
 from lightning_modules.components.restorer import parse_method_specs
 
@@ -53,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--paper-compatible", action="store_true", help="also write the authors' data-range variants")
     p.add_argument("--wandb", action="store_true", help="log a table and the grid to wandb (offline by default)")
     p.add_argument("--title", default="Restoration comparison")
+    p.add_argument("--references", default="identity,telea",
+                   help="methods every other method is paired against (those present among the methods)")
+    p.add_argument("--no-kid", action="store_true", help="skip the KID realism score (needs the offline weights)")
     return p.parse_args(argv)
 
 
@@ -131,16 +143,23 @@ def main(argv: list[str] | None = None) -> int:
     os.replace(tmp_csv, args.out / "metrics.csv")
 
     methods = list(restored)
-    summary = summarize(rows, methods, seed=args.seed)
+    references = [r.strip() for r in args.references.split(",") if r.strip() in methods]
+    summary = summarize(rows, methods, seed=args.seed, references=references)
     summary.update({"timings": timings, "skipped": [{"file": f, "reason": r} for f, r in skipped],
                     "images": len(names),
                     "mode": "standard" + (" + paper-compatible" if args.paper_compatible else "")})
-    write_json_atomic(args.out / "summary.json", summary)
     manifest = (args.data / "manifest.json") if args.data is not None else args.clean.parent / "manifest.json"
+    types_by_image: dict[str, list[str]] = {}
     if manifest.is_file():
         items = json.loads(manifest.read_text()).get("items", [])
         types_by_image = {Path(it["name"]).stem: it.get("types", []) for it in items if Path(it["name"]).stem in names}
         summary["by_type_markdown"] = by_artifact_type(rows, types_by_image, methods)
+        summary["type_tables_markdown"], summary["by_type"] = type_tables(
+            rows, types_by_image, methods, references=references, seed=args.seed)
+    if not args.no_kid:
+        summary["realism"] = realism_scores(clean, masks, restored, names, types_by_image,
+                                            mask_convention=args.mask_convention)
+    write_json_atomic(args.out / "summary.json", summary)
     shown = comparison_grid(args.out / "grid.png", clean=clean, masks=masks, corrupted=corrupted, restored=restored,
                             rows=rows, mask_convention=args.mask_convention)
     (args.out / "report.md").write_text(render_report(args.title, summary, shown))
@@ -152,11 +171,89 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def realism_scores(clean: Path, masks: Path, restored: dict[str, Path], names: list[str],
+                   types_by_image: dict[str, list[str]], *, mask_convention: str = "artifact") -> dict:
+    """KID of each method's restored artifact patches against the clean patches at the same places.
+
+    Overall and per artifact group (``metrics/realism.py``: semi-transparent vs occluding tiles, from the manifest).
+    Returns ``{}`` (with a warning) when the offline EfficientNet-Lite0 weights are missing.
+    """
+    import torch
+
+    from datamodules.datasets import to_mask_tensor, to_tensor
+    from datamodules.imageio import ImageReadError, read_image, read_mask
+    from experiments.scoring import find_image
+    from lightning_modules.components.features import PooledFeatures
+    from lightning_modules.metrics.realism import artifact_group, artifact_patches, kid, patches_at
+
+    try:
+        feature = PooledFeatures()
+    except FileNotFoundError as err:
+        log.warning("KID skipped: %s", err)
+        return {}
+    groups: dict[str, list[str]] = {"all": list(names)}
+    for name in names:
+        if name in types_by_image:
+            groups.setdefault(artifact_group(types_by_image[name]), []).append(name)
+    out: dict[str, dict] = {}
+    for method, folder in restored.items():
+        out[method] = {}
+        for group, members in groups.items():
+            fake, real = [], []
+            for name in members:
+                try:
+                    target = read_image(find_image(clean, name))
+                    mask = to_mask_tensor(read_mask(find_image(masks, name), convention=mask_convention,
+                                                    shape=target.shape[:2]))[None]
+                    pred = to_tensor(read_image(find_image(folder, name)))[None]
+                except (ImageReadError, ValueError, FileNotFoundError):
+                    continue  # already reported as skipped by the scoring pass
+                if pred.shape[-2:] != mask.shape[-2:]:
+                    continue
+                patches, index = artifact_patches(pred, mask)
+                fake.append(patches)
+                real.append(patches_at(to_tensor(target)[None], index, patches.shape[-1]))
+            if fake:
+                out[method][group] = kid(torch.cat(fake), torch.cat(real), feature=feature)
+    return out
+
+
+def realism_markdown(realism: dict) -> str:
+    """Table of KID (x 1000) per method and artifact group."""
+    if not realism:
+        return ""
+    groups = sorted({g for scores in realism.values() for g in scores}, key=lambda g: (g != "all", g))
+    lines = ["#### realism: KID x 1000 of restored artifact patches vs clean tissue (lower is better)", "",
+             "| method | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]
+    for method, scores in realism.items():
+        cells = []
+        for g in groups:
+            e = scores.get(g)
+            cells.append("n/a" if not e or math.isnan(e["kid"]) else
+                         f"{1000 * e['kid']:.2f} ± {1000 * e['kid_std']:.2f} ({e['patches']} patches)")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += ["", "64 px patches whose artifact share is at least 25 %, against the clean patches at the same places; "
+              "features: pooled ImageNet EfficientNet-Lite0 pre-logits (no Inception weights offline). PSNR rewards "
+              "blurry fills on occluding artifacts; KID rewards plausible tissue. Compare within this table only."]
+    return "\n".join(lines)
+
+
 def render_report(title: str, summary: dict, shown: list[str]) -> str:
-    """The markdown report: tables per region, timings, skipped files and the grid."""
+    """The markdown report: per-type tables, the paired verdict, tables per region, realism, timings, the grid."""
     lines = [f"# {title}", "", f"{summary['images']} images, methods: {', '.join(summary['methods'])}. "
              "Standard metrics on the 0-255 scale (data range 255); L2 = per-image sum of squared errors.", ""]
+    refs = summary.get("references") or []
+    verdicts = [verdict_table(summary, m, refs) for m in summary["methods"] if m not in refs]
+    verdicts = [v for v in verdicts if v]
+    if verdicts:
+        lines += ["#### paired differences against the baselines (artifact region, 95 % bootstrap intervals)", ""]
+        lines += sum(([v, ""] for v in verdicts), [])
+    if summary.get("type_tables_markdown"):
+        lines += ["### Quality per artifact type", "", summary["type_tables_markdown"], ""]
+    lines += ["### All tiles", ""]
     lines.append(markdown_tables(summary))
+    if summary.get("realism"):
+        lines += ["", realism_markdown(summary["realism"])]
     if summary.get("by_type_markdown"):
         lines += ["", summary["by_type_markdown"]]
     if summary.get("timings"):

@@ -31,22 +31,112 @@ def table_of(rows: Iterable[Mapping]) -> dict[tuple[str, str, str], dict[str, fl
     return out
 
 
-def summarize(rows: Sequence[Mapping], methods: Sequence[str], *, seed: int = 0) -> dict:
-    """Means with 95 % bootstrap intervals per method/region/metric, and paired differences vs the first method."""
+def summarize(rows: Sequence[Mapping], methods: Sequence[str], *, seed: int = 0,
+              references: Sequence[str] = ()) -> dict:
+    """Means with 95 % bootstrap intervals per method/region/metric, and paired differences.
+
+    Args:
+        rows: Long-form metric rows.
+        methods: Method order (the first is the default paired reference).
+        seed: Bootstrap seed.
+        references: Extra methods every other method is paired against (``entry["paired"][ref]``), e.g. identity
+            and Telea: the baselines a restoration method has to beat.
+    """
     table = table_of(rows)
-    summary: dict = {"methods": list(methods), "metrics": {}, "paired_vs": methods[0] if methods else None}
+    summary: dict = {"methods": list(methods), "metrics": {}, "paired_vs": methods[0] if methods else None,
+                     "references": [r for r in references if r in methods]}
     for (method, region, metric), by_image in sorted(table.items()):
         values = np.array(list(by_image.values()), np.float64)
         mean, low, high, n = bootstrap_ci(values, seed=seed)
         entry = {"mean": mean, "ci95": [low, high], "n": n, "n_empty": int(np.isnan(values).sum())}
-        ref = table.get((methods[0], region, metric))
-        if ref is not None and method != methods[0]:
+        for ref_name in dict.fromkeys([methods[0], *summary["references"]] if methods else []):
+            ref = table.get((ref_name, region, metric))
+            if ref is None or method == ref_name:
+                continue
             names = sorted(set(ref) & set(by_image))
-            entry["paired_vs_first"] = paired_comparison(
-                [ref[k] for k in names], [by_image[k] for k in names], seed=seed
-            )
+            comparison = paired_comparison([ref[k] for k in names], [by_image[k] for k in names], seed=seed)
+            entry.setdefault("paired", {})[ref_name] = comparison
+            if ref_name == methods[0]:
+                entry["paired_vs_first"] = comparison
         summary["metrics"].setdefault(method, {}).setdefault(region, {})[metric] = entry
     return summary
+
+
+def subset_rows(rows: Sequence[Mapping], images: Iterable[str]) -> list[Mapping]:
+    """The rows of the given images only."""
+    keep = set(images)
+    return [r for r in rows if r["image"] in keep]
+
+
+def _cell(e: Mapping | None, metric: str, ref: str | None = None) -> str:
+    """``mean [low, high]`` plus ``(Δ d [low, high]*)`` against ``ref`` when that pairing exists."""
+    if e is None:
+        return ""
+    cell = f"{_fmt(e['mean'], metric)} [{_fmt(e['ci95'][0], metric)}, {_fmt(e['ci95'][1], metric)}]"
+    pv = (e.get("paired") or {}).get(ref) if ref else None
+    if pv and pv["n"] >= 2:
+        star = "*" if not math.isnan(pv["p_wilcoxon"]) and pv["p_wilcoxon"] < 0.05 else ""
+        cell += f" (Δ {pv['mean_diff']:+.3g} [{pv['low']:+.3g}, {pv['high']:+.3g}]{star})"
+    return cell
+
+
+def type_tables(rows: Sequence[Mapping], types_by_image: Mapping[str, Sequence[str]], methods: Sequence[str], *,
+                references: Sequence[str] = (), region: str = "artifact",
+                metrics: Sequence[str] = ("psnr", "ssim", "fsim", "l2"), seed: int = 0) -> tuple[str, dict]:
+    """One table per artifact type (tiles carrying the type): methods x metrics with paired 95 % intervals.
+
+    Args:
+        rows: Long-form metric rows.
+        types_by_image: ``{image stem: [artifact types]}`` (from a ``datamodules.synthesize`` manifest).
+        methods: Row order.
+        references: Methods the others are paired against; the first reference appears in the cells, every
+            reference in the JSON.
+        region: Region to tabulate.
+        metrics: Columns.
+        seed: Bootstrap seed.
+
+    Returns:
+        ``(markdown, {type: summary})``.
+    """
+    types = sorted({t for ts in types_by_image.values() for t in ts})
+    ref = next((r for r in references if r in methods), methods[0] if methods else None)
+    lines, out = [], {}
+    for kind in types:
+        images = [k for k, ts in types_by_image.items() if kind in ts]
+        summary = summarize(subset_rows(rows, images), methods, seed=seed, references=references)
+        out[kind] = {"n": len(images), "metrics": {m: summary["metrics"].get(m, {}).get(region, {}) for m in methods}}
+        lines += [f"#### {kind} ({len(images)} tiles): {region} region", "",
+                  "| method | " + " | ".join(f"{m} {'↑' if HIGHER_IS_BETTER.get(m, True) else '↓'}" for m in metrics)
+                  + " |", "|---|" + "---|" * len(metrics)]
+        for method in methods:
+            entries = summary["metrics"].get(method, {}).get(region, {})
+            lines.append(f"| {method} | " + " | ".join(_cell(entries.get(m), m, ref) for m in metrics) + " |")
+        lines.append("")
+    if lines:
+        lines.append("Cells: mean [95 % bootstrap interval] over the tiles carrying the type; (Δ d [low, high]) is "
+                     f"the paired difference against `{ref}` on the same tiles, * when a Wilcoxon signed-rank test "
+                     "gives p < 0.05. A tile with two artifact types counts for both.")
+    return "\n".join(lines), out
+
+
+def verdict_table(summary: Mapping, method: str, references: Sequence[str], *, region: str = "artifact",
+                  metrics: Sequence[str] = ("psnr", "ssim")) -> str:
+    """Paired differences of ``method`` against each reference (the quality bar: intervals above zero)."""
+    rows = []
+    for ref in references:
+        cells = []
+        for metric in metrics:
+            pv = (summary["metrics"].get(method, {}).get(region, {}).get(metric, {}).get("paired") or {}).get(ref)
+            if not pv:
+                cells.append("n/a")
+                continue
+            sign = "above zero" if pv["low"] > 0 else "below zero" if pv["high"] < 0 else "spans zero"
+            cells.append(f"{pv['mean_diff']:+.3g} [{pv['low']:+.3g}, {pv['high']:+.3g}] ({sign})")
+        rows.append(f"| {method} - {ref} | " + " | ".join(cells) + " |")
+    if not rows:
+        return ""
+    return "\n".join([f"| {region} region, paired over tiles | " + " | ".join(f"Δ {m}" for m in metrics) + " |",
+                      "|---|" + "---|" * len(metrics), *rows])
 
 
 def _fmt(x: float, metric: str) -> str:

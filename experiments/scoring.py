@@ -38,7 +38,8 @@ def match_names(clean: Path, masks: Path, restored: Mapping[str, Path]) -> tuple
     return names, skipped
 
 
-def _find(folder: Path, stem: str) -> Path:
+def find_image(folder: Path, stem: str) -> Path:
+    """The image file named ``stem`` (any supported suffix) in ``folder``; ImageReadError when there is none."""
     for suffix in (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp"):
         if (folder / f"{stem}{suffix}").exists():
             return folder / f"{stem}{suffix}"
@@ -78,8 +79,8 @@ def iter_scores(
         references: dict[str, tuple] = {}
         for name in names[start : start + batch_size]:
             try:
-                target = read_image(_find(clean, name))
-                mask = read_mask(_find(masks, name), convention=mask_convention, shape=target.shape[:2])
+                target = read_image(find_image(clean, name))
+                mask = read_mask(find_image(masks, name), convention=mask_convention, shape=target.shape[:2])
             except (ImageReadError, ValueError) as err:
                 skipped.append((name, str(err)))
                 continue
@@ -88,7 +89,7 @@ def iter_scores(
             kept, preds = [], []
             for name, (target, _, _) in references.items():
                 try:
-                    pred = read_image(_find(folder, name))
+                    pred = read_image(find_image(folder, name))
                     if pred.shape != target.shape:
                         raise ImageReadError(
                             f"{folder}/{name}: restored size {pred.shape[1]}x{pred.shape[0]} differs from the clean "
