@@ -1,15 +1,17 @@
 """The suite's main job, end to end on real offline H&E.
 
-Gallery -> train VAE -> latent cache -> train latent denoiser -> export pipeline -> synthesise a held-out test set ->
-restore with every method -> compare report.
+Gallery -> train the VAE -> train the paper's latent denoiser (latent cache) and the mask-conditioned restorer
+(restoration latent cache) -> export both pipelines -> train the pixel ArtiFusion and CycleGAN baselines ->
+synthesise two held-out evaluation sets -> restore with every method -> compare report (+ downstream study).
 
-    python -m experiments.demo            # about 15 minutes on 2 CPU cores (`make demo`)
-    python -m experiments.demo --quick    # about 2-3 minutes, a smoke test of every stage
+    python -m experiments.demo            # about 20 minutes on 2 CPU cores (`make demo`)
+    python -m experiments.demo --quick    # a few minutes, a smoke test of every stage
 
-Everything lands in ``outputs/demo/`` (``--out``): ``gallery.png``, ``vae/``, ``latent_cache/``, ``pipeline/`` (the
-exported restoration pipeline, usable with ``python -m experiments.restore --model outputs/demo/pipeline``),
-``evalset/`` (clean/corrupted/masks triplets from the TEST split, spatially disjoint from training), ``eval/``
-(metrics.csv, summary.json, grid.png) and ``report.md``. Training goes through the same LightningCLI entry point users
+Everything lands in ``outputs/demo/`` (``--out``): ``gallery.png``, ``vae/``, ``pipeline/`` (the paper's method) and
+``pipeline_conditional/`` (``latent-conditional``), both usable with ``python -m experiments.restore --model DIR``,
+``evalset/`` (TEST split of the bundled slides, spatially disjoint from training) and ``evalset_unseen/`` (whole
+images no model trains on), one artifact per tile and the types in turn, their ``eval*/`` folders (metrics.csv,
+summary.json, report.md, grid.png) and ``report.md``. Training goes through the same LightningCLI entry point users
 run (``experiments.train``), with the configs under ``experiments/configs``; the demo only shortens the schedules.
 
 A stage whose output exists and whose settings are unchanged is skipped, so a second run (or a run after an
@@ -37,28 +39,35 @@ CONFIGS = Path(__file__).parent / "configs"
 class DemoSettings:
     """Sizes of every stage; ``quick()`` is the smoke-test version."""
 
-    vae_tile: int = 128
-    vae_steps: int = 500
+    vae_tile: int = 64
+    vae_steps: int = 2000
     vae_batch: int = 8
-    latent_steps: int = 2000
+    latent_steps: int = 1200
     latent_batch: int = 16
     cache_variants: int = 8
-    test_count: int = 16
+    conditional_steps: int = 1500
+    conditional_batch: int = 16
+    conditional_variants: int = 8
+    test_count: int = 56
+    unseen_count: int = 28
     sample_steps: int = 50
+    conditional_sample_steps: int = 4
     feather: int = 2
-    methods: str = "identity,telea,ns,latent-reference,latent"
+    methods: str = "identity,telea,ns,latent-reference,latent,latent-conditional"
     baselines: bool = True
     artifusion_steps: int = 300
-    artifusion_sample_steps: int = 50
+    artifusion_sample_steps: int = 25
     cyclegan_epochs: int = 10
     cyclegan_batches: int = 15
     downstream: bool = True
+    downstream_methods: str = "identity,telea,latent,latent-conditional"
 
     @classmethod
     def quick(cls) -> "DemoSettings":
-        """A 2-3 minute run of every stage."""
-        return cls(vae_steps=40, vae_batch=4, latent_steps=60, latent_batch=16, cache_variants=2, test_count=4,
-                   sample_steps=10, artifusion_steps=10, artifusion_sample_steps=10, cyclegan_epochs=1,
+        """A few-minute run of every stage."""
+        return cls(vae_steps=40, vae_batch=4, latent_steps=40, latent_batch=8, cache_variants=1, conditional_steps=40,
+                   conditional_batch=8, conditional_variants=1, test_count=7, unseen_count=7, sample_steps=4,
+                   conditional_sample_steps=2, artifusion_steps=10, artifusion_sample_steps=4, cyclegan_epochs=1,
                    cyclegan_batches=5)
 
     def digest(self, *keys: str) -> str:
@@ -99,69 +108,123 @@ def mark_done(out: Path, name: str, digest: str, seconds: float) -> None:
     (out / ".stages" / name).write_text(json.dumps({"digest": digest, "seconds": seconds}))
 
 
+def _run_args(out: Path, name: str) -> list[str]:
+    """Where a stage's run writes (checkpoints, wandb offline run)."""
+    return [f"--trainer.default_root_dir={out / 'runs'}", "--trainer.logger.init_args.save_dir", str(out / "runs"),
+            f"--trainer.logger.init_args.name=demo-{name}"]
+
+
 def train_vae(out: Path, s: DemoSettings) -> Path:
-    """Train the CPU-sized VAE on clean train tiles through LightningCLI, then export it with its scaling factor."""
+    """Train the CPU VAE (model/vae_cpu.yaml) on clean train crops through LightningCLI, then export it."""
     cli = fit([
         "--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "model/vae_cpu.yaml"),
         "--config", str(CONFIGS / "data/bundled.yaml"),
-        f"--data.init_args.tile_size={s.vae_tile}", f"--data.init_args.batch_size={s.vae_batch}",
-        "--data.init_args.num_workers=1", f"--data.init_args.max_tiles={{val: {2 * s.vae_batch}}}",
-        f"--trainer.max_steps={s.vae_steps}", "--trainer.max_epochs=-1", f"--trainer.default_root_dir={out / 'runs'}",
-        f"--trainer.val_check_interval={min(200, s.vae_steps)}", "--trainer.check_val_every_n_epoch=null",
-        "--trainer.logger.init_args.save_dir", str(out / "runs"), "--trainer.logger.init_args.name=demo-vae",
+        f"--data.init_args.tile_size={s.vae_tile}", f"--data.init_args.stride={s.vae_tile // 2}",
+        f"--data.init_args.batch_size={s.vae_batch}", "--data.init_args.num_workers=0",
+        f"--data.init_args.max_tiles={{val: {2 * s.vae_batch}}}",
+        f"--trainer.max_steps={s.vae_steps}", f"--model.init_args.lr_scheduler.init_args.total_steps={s.vae_steps}",
+        f"--trainer.val_check_interval={max(1, min(500, s.vae_steps))}", "--trainer.check_val_every_n_epoch=null",
+        *_run_args(out, "vae"),
     ])
-    dm = cli.datamodule
-    images = torch.stack([dm.datasets["val"][i]["clean"] for i in range(len(dm.datasets["val"]))])
+    from datamodules.restoration import CleanTileDataModule
+
+    # the scaling factor is estimated on whole 256 px val tiles: what the denoisers will encode
+    val = CleanTileDataModule(tile_size=256, stride=256, augment=False, num_workers=0).make_dataset("val")
+    images = torch.stack([val[i]["clean"] for i in range(len(val))])
     return Path(cli.model.export(out / "vae", images=images))
 
 
-def train_latent(out: Path, s: DemoSettings) -> "object":
-    """Encode the latent cache once, then train the CPU-sized latent denoiser on it through LightningCLI."""
-    cli = fit([
+def latent_channels(out: Path) -> int:
+    """Latent channels of the demo's exported VAE."""
+    return int(json.loads((out / "vae" / "config.json").read_text())["latent_channels"])
+
+
+def latent_args(out: Path, s: DemoSettings) -> list[str]:
+    """``experiments.train fit`` arguments of the paper's (unconditional) denoiser on the demo VAE's latent cache."""
+    return [
         "--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "model/latent_cpu.yaml"),
         "--config", str(CONFIGS / "data/latent_cache.yaml"),
         f"--model.init_args.autoencoder={out / 'vae'}", f"--data.init_args.autoencoder={out / 'vae'}",
+        f"--model.init_args.denoiser.init_args.in_channels={latent_channels(out)}",
         f"--data.init_args.cache_dir={out / 'latent_cache'}", f"--data.init_args.variants={s.cache_variants}",
         f"--data.init_args.batch_size={s.latent_batch}",
-        f"--trainer.max_steps={s.latent_steps}", "--trainer.max_epochs=-1",
-        f"--trainer.default_root_dir={out / 'runs'}",
-        "--trainer.logger.init_args.save_dir", str(out / "runs"), "--trainer.logger.init_args.name=demo-latent",
-    ])
-    return cli.model
+        f"--trainer.max_steps={s.latent_steps}", "--trainer.max_epochs=-1", *_run_args(out, "latent"),
+    ]
 
 
-def export_pipeline(out: Path, model, s: DemoSettings) -> Path:
-    """Write the restoration pipeline folder: EMA denoiser, training scheduler, VAE, sampler defaults."""
-    from lightning_modules.components.autoencoders import load_autoencoder
-    from lightning_modules.components.pipeline import save_pipeline
+def latent_sampler(s: DemoSettings):
+    """Default sampler of the exported paper-method pipeline."""
     from lightning_modules.components.regional_sampler import SamplerConfig
 
-    sampler = SamplerConfig.from_preset("repaint", num_steps=s.sample_steps, feather=s.feather)
-    return save_pipeline(out / "pipeline", unet=model.sampling_network, scheduler=model.noise_scheduler,
-                         sampler=sampler, vae=load_autoencoder(out / "vae"), image_size=256, scheduler_name="ddim",
-                         extra={"trained_by": "experiments.demo", "settings": asdict(s)})
+    return SamplerConfig.from_preset("repaint", num_steps=s.sample_steps, feather=s.feather)
 
 
-def train_artifusion(out: Path, s: DemoSettings) -> Path:
-    """Train the CPU-sized pixel ArtiFusion (Swin-UNet + time token) on clean tiles and export a pixel pipeline.
+def train_latent(out: Path, s: DemoSettings) -> Path:
+    """Encode the latent cache once, train the paper's (unconditional) denoiser on it, export ``pipeline/``."""
+    cli = fit(latent_args(out, s))
+    return cli.model.export(out / "pipeline", sampler=latent_sampler(s), image_size=256, scheduler_name="ddim",
+                            extra={"trained_by": "experiments.demo", "settings": asdict(s)})
 
-    The paper samples with RePaint at 250 steps x 10 resamples (2410 network evaluations per tile); on 2 CPU cores
-    the demo samples with ``artifusion_sample_steps`` plain steps instead (the benchmark times the paper preset).
-    """
+
+def conditional_args(out: Path, s: DemoSettings) -> list[str]:
+    """``experiments.train fit`` arguments of ``latent-conditional`` on the demo VAE's restoration latent cache."""
+    channels = latent_channels(out)
+    return [
+        "--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "model/conditional_cpu.yaml"),
+        "--config", str(CONFIGS / "data/restoration_cache.yaml"),
+        f"--model.init_args.autoencoder={out / 'vae'}", f"--data.init_args.autoencoder={out / 'vae'}",
+        f"--model.init_args.denoiser.init_args.in_channels={2 * channels + 1}",
+        f"--model.init_args.denoiser.init_args.out_channels={channels}",
+        f"--data.init_args.cache_dir={out / 'restoration_cache'}",
+        f"--data.init_args.variants={s.conditional_variants}", f"--data.init_args.batch_size={s.conditional_batch}",
+        f"--trainer.max_steps={s.conditional_steps}", "--trainer.max_epochs=-1", *_run_args(out, "conditional"),
+    ]
+
+
+def conditional_sampler(s: DemoSettings):
+    """Default sampler of the exported ``latent-conditional`` pipeline (``CONDITIONAL_SAMPLER`` + the demo's steps)."""
     from lightning_modules.components.regional_sampler import SamplerConfig
+    from lightning_modules.conditional_latent import CONDITIONAL_SAMPLER
 
-    cli = fit([
+    return SamplerConfig.from_preset(
+        "repaint", feather=s.feather, **{**CONDITIONAL_SAMPLER, "num_steps": s.conditional_sample_steps}
+    )
+
+
+def train_conditional(out: Path, s: DemoSettings) -> Path:
+    """Encode the restoration latent cache once, train ``latent-conditional``, export ``pipeline_conditional/``."""
+    cli = fit(conditional_args(out, s))
+    return cli.model.export(out / "pipeline_conditional", sampler=conditional_sampler(s), image_size=256,
+                            scheduler_name="ddim", extra={"trained_by": "experiments.demo", "settings": asdict(s)})
+
+
+def artifusion_args(out: Path, s: DemoSettings) -> list[str]:
+    """``experiments.train fit`` arguments of the CPU pixel ArtiFusion (Swin-UNet + time token) on clean tiles."""
+    return [
         "--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "model/artifusion_cpu.yaml"),
         "--config", str(CONFIGS / "data/bundled.yaml"), "--data.init_args.batch_size=8",
         # fully convolutional/windowed networks: train on 128 px crops (4x cheaper), restore 256 px tiles
         "--data.init_args.tile_size=128",
         "--data.init_args.num_workers=1", "--data.init_args.max_tiles={val: 8}",
-        f"--trainer.max_steps={s.artifusion_steps}", "--trainer.max_epochs=-1",
-        f"--trainer.default_root_dir={out / 'runs'}", "--trainer.logger.init_args.save_dir", str(out / "runs"),
-        "--trainer.logger.init_args.name=demo-artifusion",
-    ])
-    sampler = SamplerConfig.from_preset("repaint", num_steps=s.artifusion_sample_steps, feather=s.feather)
-    return cli.model.export(out / "artifusion", sampler=sampler, image_size=256)
+        f"--trainer.max_steps={s.artifusion_steps}", "--trainer.max_epochs=-1", *_run_args(out, "artifusion"),
+    ]
+
+
+def artifusion_sampler(s: DemoSettings):
+    """The demo's pixel sampler: ``artifusion_sample_steps`` plain steps (the paper's 2410-NFE preset: benchmark)."""
+    from lightning_modules.components.regional_sampler import SamplerConfig
+
+    return SamplerConfig.from_preset("repaint", num_steps=s.artifusion_sample_steps, feather=s.feather)
+
+
+def train_artifusion(out: Path, s: DemoSettings) -> Path:
+    """Train the CPU-sized pixel ArtiFusion on clean tiles and export a pixel pipeline.
+
+    The paper samples with RePaint at 250 steps x 10 resamples (2410 network evaluations per tile); on 2 CPU cores
+    the demo samples with ``artifusion_sample_steps`` plain steps instead (the benchmark times the paper preset).
+    """
+    cli = fit(artifusion_args(out, s))
+    return cli.model.export(out / "artifusion", sampler=artifusion_sampler(s), image_size=256)
 
 
 def train_cyclegan(out: Path, s: DemoSettings) -> Path:
@@ -173,28 +236,44 @@ def train_cyclegan(out: Path, s: DemoSettings) -> Path:
         "--data.init_args.max_tiles={val: 8}",
         # its LR schedule is per epoch (constant, then linear decay), so the demo shortens epochs, not max_epochs=-1
         f"--trainer.max_epochs={s.cyclegan_epochs}", f"--trainer.limit_train_batches={s.cyclegan_batches}",
-        f"--trainer.default_root_dir={out / 'runs'}", "--trainer.logger.init_args.save_dir", str(out / "runs"),
-        "--trainer.logger.init_args.name=demo-cyclegan",
+        *_run_args(out, "cyclegan"),
     ])
     return cli.model.export(out / "cyclegan")
 
 
 def write_report(out: Path, s: DemoSettings, timings: dict[str, float], quick: bool) -> Path:
-    """Assemble ``report.md`` from the stage timings, the gallery and the evaluation report."""
-    eval_md = (out / "eval" / "report.md").read_text().replace("](grid.png)", "](eval/grid.png)")
-    eval_md = eval_md.replace("# Restoration comparison", "## Restoration comparison on the held-out test set", 1)
+    """Assemble ``report.md``: both evaluations (per-type tables first), the VAE ceilings, downstream, timings."""
+
+    def section(folder: str, title: str) -> list[str]:
+        path = out / folder / "report.md"
+        if not path.is_file():
+            return []
+        text = path.read_text().replace("](grid.png)", f"]({folder}/grid.png)")
+        text = text.replace("# Restoration comparison", f"## {title}", 1)
+        return [text, ""]
+
     lines = [
         "# LatentArtiFusion suite: demo report"
         + (" (--quick: smoke test, numbers are not meaningful)" if quick else ""),
         "",
         "Real H&E from the offline sample packages (OpenSlide CMU-1-Small-Region, HistoQC templates); artifacts are "
-        "synthesised with exact masks; models are CPU-sized and trained for minutes, so absolute quality is far "
-        "below a paper-scale run. The test tiles come from the test split, spatially disjoint from training.",
+        "synthesised with exact masks, one per tile, the seven types in turn; models are CPU-sized and trained for "
+        "minutes, so absolute quality is far below a paper-scale run. `latent` is the paper's method (unconditional "
+        "latent denoiser, regional sampling); `latent-conditional` is this suite's mask-conditioned latent restorer "
+        "(docs/METHOD.md). Pixel ArtiFusion is sampled with "
+        f"{s.artifusion_sample_steps} plain steps here (the paper's 2410-evaluation RePaint preset is timed by "
+        "`python -m experiments.benchmark`); the baselines are trained for a few minutes and far from converged.",
         "",
-        f"Pixel ArtiFusion is sampled here with {s.artifusion_sample_steps} plain steps; the paper's RePaint preset "
-        "(250 steps x 10 resamples = 2410 network evaluations per tile) is timed by `python -m experiments.benchmark` "
-        "(BENCHMARKS.md). The baselines are trained for a few minutes on 128 px crops and are far from converged.",
-        "",
+        *section("eval", "Held-out test split (same slides as training, spatially disjoint regions)"),
+        *section("eval_unseen", "Unseen tissue (whole images no model trains on)"),
+    ]
+    ceilings = out / "ceilings.md"
+    if ceilings.is_file():
+        lines += [ceilings.read_text(), ""]
+    if (out / "downstream" / "downstream.md").is_file():
+        lines += [(out / "downstream" / "downstream.md").read_text(), ""]
+    lines += [
+        "## Stages", "",
         "| stage | seconds |",
         "|---|---|",
         *[f"| {k} | {v:.1f} |" for k, v in timings.items()],
@@ -205,11 +284,7 @@ def write_report(out: Path, s: DemoSettings, timings: dict[str, float], quick: b
         "Artifact types on real tiles (corrupted tile, and the exact mask outlined on the clean tile):",
         "",
         "![gallery](gallery.png)",
-        "",
-        eval_md,
     ]
-    if (out / "downstream" / "downstream.md").is_file():
-        lines += ["", (out / "downstream" / "downstream.md").read_text()]
     path = out / "report.md"
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text("\n".join(lines) + "\n")
@@ -221,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run every stage (skipping finished ones) and write the report."""
     p = argparse.ArgumentParser(prog="python -m experiments.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("outputs/demo"))
-    p.add_argument("--quick", action="store_true", help="tiny schedules: a 2-3 minute smoke test of every stage")
+    p.add_argument("--quick", action="store_true", help="tiny schedules: a smoke test of every stage")
     p.add_argument("--force", action="store_true", help="redo every stage")
     p.add_argument("--precision", default="bf16", choices=("fp32", "bf16"), help="restoration autocast precision")
     p.add_argument("--no-baselines", action="store_true", help="skip training pixel ArtiFusion and CycleGAN")
@@ -250,38 +325,51 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[demo] {name}: {timings[name]:.1f} s", flush=True)
 
     from datamodules import gallery, synthesize
-    from experiments import downstream, evaluate
+    from experiments import ceilings, downstream, evaluate
 
+    vae_keys = ("vae_tile", "vae_steps", "vae_batch")
+    latent_keys = (*vae_keys, "latent_steps", "latent_batch", "cache_variants", "sample_steps", "feather")
+    conditional_keys = (*vae_keys, "conditional_steps", "conditional_batch", "conditional_variants",
+                        "conditional_sample_steps", "feather")
+    baseline_keys = ("baselines", "artifusion_steps", "artifusion_sample_steps", "cyclegan_epochs", "cyclegan_batches")
     stage("gallery", (), lambda: gallery.main(["--out", str(out / "gallery.png"), "--columns", "4"]))
-    stage("train VAE", ("vae_tile", "vae_steps", "vae_batch"), lambda: train_vae(out, s))
-    latent_keys = ("vae_tile", "vae_steps", "vae_batch", "latent_steps", "latent_batch", "cache_variants",
-                   "sample_steps", "feather")
-    stage("train latent denoiser + export pipeline", latent_keys,
-          lambda: export_pipeline(out, train_latent(out, s), s))
-    methods = s.methods
+    stage("train VAE", vae_keys, lambda: train_vae(out, s))
+    stage("train latent denoiser + export pipeline", latent_keys, lambda: train_latent(out, s))
+    stage("train latent-conditional + export pipeline_conditional", conditional_keys,
+          lambda: train_conditional(out, s))
+    methods = s.methods.replace("latent-conditional", f"latent-conditional={out / 'pipeline_conditional'}")
     if s.baselines:
         stage("train pixel ArtiFusion baseline", ("artifusion_steps", "artifusion_sample_steps", "feather"),
               lambda: train_artifusion(out, s))
         stage("train CycleGAN baseline", ("cyclegan_epochs", "cyclegan_batches"), lambda: train_cyclegan(out, s))
         methods += f",artifusion={out / 'artifusion'},cyclegan={out / 'cyclegan'}"
-    stage("synthesise test set", ("test_count",), lambda: synthesize.main(
-        ["--bundled", "--count", str(s.test_count), "--seed", "0", "--out", str(out / "evalset")]))
-    def restore_and_evaluate() -> None:
-        shutil.rmtree(out / "eval", ignore_errors=True)  # restored outputs of an older pipeline must not be reused
-        evaluate.main(["--data", str(out / "evalset"), "--methods", methods, "--model", str(out / "pipeline"),
-                       "--out", str(out / "eval"), "--batch-size", "8", "--precision", args.precision,
-                       "--title", "Restoration comparison"])
+    evalsets = {"evalset": ("test", s.test_count), "evalset_unseen": ("unseen", s.unseen_count)}
+    for folder, (split, count) in evalsets.items():
+        argv = ["--bundled", "--split", split, "--balanced", "--count", str(count), "--seed", "0",
+                "--out", str(out / folder)]
+        stage(f"synthesise {folder}", ("test_count", "unseen_count"), lambda a=argv: synthesize.main(a))
+    all_keys = (*latent_keys, *conditional_keys, *baseline_keys, "test_count", "unseen_count", "methods")
 
-    baseline_keys = ("baselines", "artifusion_steps", "artifusion_sample_steps", "cyclegan_epochs", "cyclegan_batches")
-    stage("restore + evaluate", (*latent_keys, *baseline_keys, "test_count", "methods"), restore_and_evaluate)
+    def restore_and_evaluate() -> None:
+        for folder, result in (("evalset", "eval"), ("evalset_unseen", "eval_unseen")):
+            shutil.rmtree(out / result, ignore_errors=True)  # restored outputs of older pipelines must not be reused
+            evaluate.main(["--data", str(out / folder), "--methods", methods, "--model", str(out / "pipeline"),
+                           "--out", str(out / result), "--batch-size", "8", "--precision", args.precision,
+                           "--title", "Restoration comparison"])
+        ceilings.main(["--vae", str(out / "vae"), "--data", str(out / "evalset"), "--out", str(out / "ceilings.md")])
+
+    stage("restore + evaluate", all_keys, restore_and_evaluate)
     if s.downstream:
-        downstream_argv = ["--out", str(out / "downstream"), "--methods", methods, "--model", str(out / "pipeline")]
+        downstream_methods = s.downstream_methods.replace(
+            "latent-conditional", f"latent-conditional={out / 'pipeline_conditional'}")
+        downstream_argv = ["--out", str(out / "downstream"), "--methods", downstream_methods,
+                           "--model", str(out / "pipeline")]
 
         def study() -> None:
             downstream.main(downstream_argv + (["--quick"] if args.quick else []))
             shutil.copyfile(out / "downstream" / "downstream.json", out / "downstream.json")
 
-        stage("downstream classifier study", (*latent_keys, *baseline_keys, "test_count", "methods"), study)
+        stage("downstream classifier study", (*all_keys, "downstream_methods"), study)
     report = write_report(out, s, timings, args.quick)
     print(f"[demo] report: {report}")
     return 0
