@@ -139,23 +139,32 @@ def iter_scores(
                 preds.append(to_tensor(pred))
             bar.update(len(names[start : start + batch_size]))
             yield from _score(method, kept, preds, [references[k][1] for k in kept],
-                              [references[k][2] for k in kept], mode)
+                              [references[k][2] for k in kept], mode, skipped)
     bar.close()
 
 
-def _score(method: str, names: list[str], preds: list, targets: list, masks: list, mode: str) -> Iterator[dict]:
-    """Long-form rows for one method on one batch; images of different sizes are scored in separate groups."""
+def _score(
+    method: str, names: list[str], preds: list, targets: list, masks: list, mode: str, skipped: list
+) -> Iterator[dict]:
+    """Long-form rows for one method on one batch; images of different sizes are scored in separate groups.
+
+    A group the metrics reject (e.g. images smaller than the SSIM window) is added to ``skipped``; the others go on.
+    """
     shapes = sorted({tuple(t.shape) for t in targets})
     for shape in shapes:
         idx = [i for i, t in enumerate(targets) if tuple(t.shape) == shape]
-        values = per_image_metrics(
-            torch.stack([preds[i] for i in idx]),
-            torch.stack([targets[i] for i in idx]),
-            torch.stack([masks[i] for i in idx]),
-            regions=REGIONS,
-            metrics=METRICS,
-            mode=mode,
-        )
+        try:
+            values = per_image_metrics(
+                torch.stack([preds[i] for i in idx]),
+                torch.stack([targets[i] for i in idx]),
+                torch.stack([masks[i] for i in idx]),
+                regions=REGIONS,
+                metrics=METRICS,
+                mode=mode,
+            )
+        except ValueError as err:
+            skipped += [(f"{method}:{names[i]}", f"cannot be scored: {err}") for i in idx]
+            continue
         for key, vals in values.items():
             region, metric = key.split("/")
             for j, i in enumerate(idx):
