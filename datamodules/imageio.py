@@ -226,7 +226,7 @@ def read_mask(
             shown = ", ".join(str(v) for v in values[:8]) + (", ..." if len(values) > 8 else "")
             raise ImageReadError(
                 f"{path}: mask must contain only {{0, 255}} or {{0, 1}} but has {len(values)} values ({shown}); "
-                "re-export it as a binary PNG or pass threshold=..."
+                "re-export it as a binary PNG with 255 = artifact and 0 = clean (threshold soft or JPEG masks first)"
             )
     return ~mask if convention == "keep" else mask
 

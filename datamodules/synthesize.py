@@ -10,9 +10,10 @@ give byte-identical files. ``--bundled`` takes tiles from the TEST split of the 
 disjoint from the tiles the demo trains on); ``--split unseen`` instead takes the whole bundled images that hold no
 train tile at all (tissue no model of the suite trains on: with the default seed the HistoQC templates 1 and 3);
 ``--images`` tiles every image of a folder. When ``--count`` exceeds the number of tiles, tiles are reused with
-different corruptions; when it is smaller, the triplets are spread evenly over the tile list.
-``--balanced`` gives every tile exactly one artifact, the types taken in turn, so that a per-type table compares
-like with like.
+different corruptions; when it is smaller, the triplets are spread evenly over the tile list. Images smaller than
+``--size`` give no tile and are listed in a warning. ``--balanced`` gives every tile exactly one artifact, the types
+taken in turn, so that a per-type table compares like with like. Bad input (a missing or empty folder, an unwritable
+``--out``) ends with one ``error:`` line; ``--debug`` (or ``LAF_DEBUG=1``) shows the traceback.
 """
 
 import argparse
@@ -30,6 +31,7 @@ from datamodules.imageio import write_image_atomic, write_mask_atomic
 from datamodules.sources import bundled_sources, sources_from_spec
 from datamodules.splits import assign_regions, tiles_for_split
 from datamodules.tiling import grid_tiles
+from experiments.cli_errors import check_input_folder, check_output_folder, run_main
 
 log = logging.getLogger("datamodules.synthesize")
 
@@ -54,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-tissue", type=float, default=0.5, help="minimum tissue fraction of a tile")
     p.add_argument("--stride", type=int, help="tiling stride (default: size // 2 for --bundled, size for --images)")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors (or LAF_DEBUG=1)")
     return p.parse_args(argv)
 
 
@@ -73,7 +76,11 @@ def collect_tiles(args: argparse.Namespace) -> tuple[list, list]:
         stride = args.stride or args.size // 2
         tiles = tiles_for_split(sources, args.split, size=args.size, stride=stride, min_tissue=args.min_tissue)
     else:
-        sources = sources_from_spec(args.images)
+        sources = sources_from_spec(check_input_folder(args.images, "--images"))
+        small = [f"{s.name} ({s.shape()[1]}x{s.shape()[0]})" for s in sources if min(s.shape()) < args.size]
+        if small:
+            log.warning("%d of %d image(s) are smaller than --size %d px and give no tile: %s%s", len(small),
+                        len(sources), args.size, ", ".join(small[:5]), ", ..." if len(small) > 5 else "")
         tiles = []
         for i, src in enumerate(sources):
             refs = grid_tiles(src.tissue(), size=args.size, stride=args.stride or args.size,
@@ -89,6 +96,10 @@ def collect_tiles(args: argparse.Namespace) -> tuple[list, list]:
 def main(argv: list[str] | None = None) -> int:
     """Write ``--count`` triplets; returns the process exit code."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run_main(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     args = parse_args(argv)
     types = tuple(t.strip() for t in args.types.split(",") if t.strip())
     unknown = [t for t in types if t not in ARTIFACT_TYPES]
@@ -98,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--count must be >= 1, got {args.count}")
     synth = ArtifactSynthesizer(types=types, min_artifacts=1, max_artifacts=args.max_artifacts)
     per_type = {t: ArtifactSynthesizer(types=[t], min_artifacts=1, max_artifacts=1) for t in types}
+    check_output_folder(args.out)
     sources, tiles = collect_tiles(args)
     for sub in ("clean", "corrupted", "masks"):
         (args.out / sub).mkdir(parents=True, exist_ok=True)

@@ -23,9 +23,16 @@ import logging
 import math
 import os
 import sys
-import time
 from pathlib import Path
 
+from experiments.cli_errors import (
+    CLIError,
+    check_device,
+    check_input_folder,
+    check_output_folder,
+    check_range,
+    run_main,
+)
 from experiments.report import (
     by_artifact_type,
     comparison_grid,
@@ -36,7 +43,7 @@ from experiments.report import (
     write_json_atomic,
 )
 from experiments.scoring import iter_scores, match_names
-from lightning_modules.components.restorer import parse_method_specs
+from lightning_modules.components.restorer import available_restorers, parse_method_specs
 
 log = logging.getLogger("experiments.evaluate")
 
@@ -53,8 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma list of registered methods to run on --data; NAME=DIR gives a method its own model "
                         "folder, e.g. identity,telea,latent,artifusion=runs/af/pipeline,cyclegan=runs/cg/generator")
     p.add_argument("--model", type=Path, help="model folder for methods listed without =DIR (the latent pipeline)")
-    p.add_argument("--steps", type=int, help="sampling steps for diffusion methods")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--steps", type=int, help="sampling steps for diffusion methods, >= 1")
+    p.add_argument("--batch-size", type=int, default=4, help="tiles per model call, >= 1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
@@ -65,7 +72,57 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--references", default="identity,telea",
                    help="methods every other method is paired against (those present among the methods)")
     p.add_argument("--no-kid", action="store_true", help="skip the KID realism score (needs the offline weights)")
+    p.add_argument("--force", action="store_true", help="redo the restored outputs of --data runs already in --out")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors (or LAF_DEBUG=1)")
     return p.parse_args(argv)
+
+
+def validate_args(args: argparse.Namespace) -> tuple[dict, dict]:
+    """Check every value before any model loads; returns ``{method: model}`` (run mode) and ``{name: folder}``."""
+    check_range("--steps", args.steps, low=1)
+    check_range("--batch-size", args.batch_size, low=1)
+    check_device(args.device)
+    methods, restored = {}, {}
+    if args.data is not None:
+        if not args.methods:
+            raise CLIError("--data needs --methods (e.g. identity,telea,latent)")
+        check_input_folder(args.data, "--data")
+        lacking = [sub for sub in ("clean", "corrupted", "masks") if not (args.data / sub).is_dir()]
+        if lacking:
+            raise CLIError(f"--data {args.data} has no {', '.join(f'{sub}/' for sub in lacking)}; pass an evaluation "
+                           "set with clean/, corrupted/ and masks/ (python -m datamodules.synthesize writes one)")
+        try:
+            methods = parse_method_specs(args.methods, args.model)
+        except ValueError as err:
+            raise CLIError(f"--methods: {err}") from None
+        known = available_restorers()
+        unknown = [m for m in methods if m not in known]
+        if unknown:
+            raise CLIError(f"--methods: unknown method(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+        from experiments.restore import uses_model
+
+        for method, model in methods.items():
+            if uses_model(method):
+                if model is None:
+                    raise CLIError(f"--methods: {method} needs a model folder: pass --model DIR or {method}=DIR")
+                check_input_folder(model, f"--methods {method}: model folder")
+    else:
+        if args.clean is None or args.masks is None or not args.restored:
+            raise CLIError("score mode needs --clean, --masks and --restored NAME=DIR (or use --data/--methods)")
+        check_input_folder(args.clean, "--clean")
+        check_input_folder(args.masks, "--masks")
+        for item in args.restored:
+            name, sep, folder = item.partition("=")
+            if not sep or not name or not folder:
+                raise CLIError(f"--restored expects NAME=DIR, got {item!r}")
+            if name in restored and restored[name] != Path(folder):
+                raise CLIError(f"--restored names {name!r} twice ({restored[name]} and {folder}); give each folder "
+                               "its own name")
+            if name in restored:
+                log.warning("--restored %s=%s is given twice; scoring it once", name, folder)
+            restored[name] = check_input_folder(Path(folder), f"--restored {name}=")
+    check_output_folder(args.out)
+    return methods, restored
 
 
 def run_methods(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, dict]]:
@@ -83,16 +140,18 @@ def run_methods(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, di
             argv += ["--model", str(model)]
         if args.steps is not None and method.startswith("latent"):
             argv += ["--steps", str(args.steps)]
-        before = len(list(out.glob("*.png"))) if out.is_dir() else 0
-        start = time.perf_counter()
+        argv += ["--force"] * args.force + ["--debug"] * args.debug
         stats = restore_folder(restore_args(argv))
-        elapsed = time.perf_counter() - start
         folders[method] = out
-        done = stats["done"]
+        if stats["done"] + stats["resumed"] == 0:
+            print(f"warning: {method} restored none of the {stats['pairs']} paired tiles (reasons above)")
+        # resumed outputs come from earlier runs with the same settings (the restore manifest checks that), so
+        # their time counts: seconds per tile over every run of these settings
+        timed = stats["timing"]
         timings[method] = {
-            "seconds_per_tile": elapsed / done if done else None,
-            "tiles_timed": done,
-            "already_done": before,
+            "seconds_per_tile": timed["seconds"] / timed["tiles"] if timed["tiles"] else None,
+            "tiles_timed": timed["tiles"],
+            "already_done": stats["resumed"],
             "nfe_per_tile": stats["nfe"],
             "device": args.device,
             "precision": args.precision,
@@ -102,33 +161,28 @@ def run_methods(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, di
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the evaluation; returns the exit code."""
+    """Run the evaluation; returns the exit code (0 done, 1 a method scored nothing, 2 bad arguments)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return run_main(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
     args = parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
+    _, restored = validate_args(args)
     timings: dict[str, dict] = {}
     if args.data is not None:
-        if not args.methods:
-            raise SystemExit("--data needs --methods (e.g. identity,telea,latent)")
         clean, masks, corrupted = args.data / "clean", args.data / "masks", args.data / "corrupted"
         restored, timings = run_methods(args)
     else:
-        if args.clean is None or args.masks is None or not args.restored:
-            raise SystemExit("score mode needs --clean, --masks and --restored NAME=DIR (or use --data/--methods)")
         clean, masks, corrupted = args.clean, args.masks, None
-        restored = {}
-        for item in args.restored:
-            name, sep, folder = item.partition("=")
-            if not sep or not name:
-                raise SystemExit(f"--restored expects NAME=DIR, got {item!r}")
-            restored[name] = Path(folder)
-    for folder in (clean, masks, *restored.values()):
-        if not Path(folder).is_dir():
-            raise SystemExit(f"{folder} is not a folder")
 
-    names, skipped = match_names(clean, masks, restored)
+    try:
+        names, skipped = match_names(clean, masks, restored)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
     if not names:
-        raise SystemExit(f"no image in {clean} has a mask of the same name in {masks}")
+        raise CLIError(f"nothing to score: no image in {clean} has a mask with the same relative path in {masks}",
+                       code=1)
     rows = []
     tmp_csv = args.out / "metrics.csv.tmp"
     with tmp_csv.open("w", newline="") as fh:
@@ -140,6 +194,12 @@ def main(argv: list[str] | None = None) -> int:
                                    mask_convention=args.mask_convention, skipped=skipped if mode == "standard" else []):
                 writer.writerow(row)
                 rows.append(row)
+    scored = {m: len({r["image"] for r in rows if r["method"] == m}) for m in restored}
+    _print_skipped(skipped)
+    if not rows:
+        tmp_csv.unlink()
+        raise CLIError(f"nothing scored: none of the {len(names)} images could be scored for any method (reasons "
+                       "above)", code=1)
     os.replace(tmp_csv, args.out / "metrics.csv")
 
     methods = list(restored)
@@ -152,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     types_by_image: dict[str, list[str]] = {}
     if manifest.is_file():
         items = json.loads(manifest.read_text()).get("items", [])
-        types_by_image = {Path(it["name"]).stem: it.get("types", []) for it in items if Path(it["name"]).stem in names}
+        keys = {Path(it["name"]).with_suffix("").as_posix(): it for it in items}
+        types_by_image = {k: it.get("types", []) for k, it in keys.items() if k in names}
         summary["by_type_markdown"] = by_artifact_type(rows, types_by_image, methods)
         summary["type_tables_markdown"], summary["by_type"] = type_tables(
             rows, types_by_image, methods, references=references, seed=args.seed)
@@ -165,9 +226,13 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "report.md").write_text(render_report(args.title, summary, shown))
     if args.wandb:
         log_to_wandb(args.out, rows, summary)
-    print(f"scored {len(names)} images x {len(methods)} methods -> {args.out / 'report.md'}")
-    if skipped:
-        print(f"skipped {len(skipped)} item(s); see summary.json")
+    counts = ", ".join(f"{m} {n}/{len(names)}" for m, n in scored.items())
+    print(f"scored {max(scored.values())} of {len(names)} images x {len(methods)} methods ({counts}) -> "
+          f"{args.out / 'report.md'}")
+    empty = [m for m, n in scored.items() if n == 0]
+    if empty:
+        raise CLIError(f"method(s) {', '.join(empty)} scored none of the {len(names)} images (reasons above); the "
+                       "report covers the others", code=1)
     return 0
 
 
@@ -182,7 +247,7 @@ def realism_scores(clean: Path, masks: Path, restored: dict[str, Path], names: l
 
     from datamodules.datasets import to_mask_tensor, to_tensor
     from datamodules.imageio import ImageReadError, read_image, read_mask
-    from experiments.scoring import find_image
+    from experiments.scoring import index_images
     from lightning_modules.components.features import PooledFeatures
     from lightning_modules.metrics.realism import artifact_group, artifact_patches, kid, patches_at
 
@@ -195,18 +260,20 @@ def realism_scores(clean: Path, masks: Path, restored: dict[str, Path], names: l
     for name in names:
         if name in types_by_image:
             groups.setdefault(artifact_group(types_by_image[name]), []).append(name)
+    clean_index, mask_index = index_images(clean), index_images(masks)
     out: dict[str, dict] = {}
     for method, folder in restored.items():
         out[method] = {}
+        restored_index = index_images(folder)
         for group, members in groups.items():
             fake, real = [], []
             for name in members:
                 try:
-                    target = read_image(find_image(clean, name))
-                    mask = to_mask_tensor(read_mask(find_image(masks, name), convention=mask_convention,
+                    target = read_image(clean_index[name])
+                    mask = to_mask_tensor(read_mask(mask_index[name], convention=mask_convention,
                                                     shape=target.shape[:2]))[None]
-                    pred = to_tensor(read_image(find_image(folder, name)))[None]
-                except (ImageReadError, ValueError, FileNotFoundError):
+                    pred = to_tensor(read_image(restored_index[name]))[None]
+                except (ImageReadError, ValueError, KeyError):
                     continue  # already reported as skipped by the scoring pass
                 if pred.shape[-2:] != mask.shape[-2:]:
                     continue
@@ -236,6 +303,17 @@ def realism_markdown(realism: dict) -> str:
               "features: pooled ImageNet EfficientNet-Lite0 pre-logits (no Inception weights offline). PSNR rewards "
               "blurry fills on occluding artifacts; KID rewards plausible tissue. Compare within this table only."]
     return "\n".join(lines)
+
+
+def _print_skipped(skipped: list[tuple[str, str]], limit: int = 30) -> None:
+    """Print every skipped item with its reason (the first ``limit``; all are in summary.json)."""
+    if not skipped:
+        return
+    print(f"skipped {len(skipped)} item(s):")
+    for file, why in skipped[:limit]:
+        print(f"  {file}: {why}")
+    if len(skipped) > limit:
+        print(f"  ... and {len(skipped) - limit} more in summary.json")
 
 
 def render_report(title: str, summary: dict, shown: list[str]) -> str:

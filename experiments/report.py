@@ -1,5 +1,6 @@
 """Turn long-form metric rows into ``summary.json``, ``report.md`` and a comparison grid PNG."""
 
+import glob
 import json
 import math
 import os
@@ -11,7 +12,7 @@ import cv2
 import numpy as np
 
 from datamodules.gallery import label, mask_overlay
-from datamodules.imageio import read_image, read_mask, write_image_atomic
+from datamodules.imageio import IMAGE_SUFFIXES, read_image, read_mask, write_image_atomic
 from lightning_modules.metrics.statistics import bootstrap_ci, paired_comparison
 
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "fsim": True, "l2": False, "mse": False}
@@ -265,8 +266,9 @@ def comparison_grid(
 
 
 def _path(folder: Path, stem: str) -> Path:
-    for p in Path(folder).glob(f"{stem}.*"):
-        return p
+    for p in sorted(Path(folder).glob(f"{glob.escape(stem)}.*")):  # names may hold [ ] * ?
+        if p.suffix.lower() in IMAGE_SUFFIXES and p.stem == Path(stem).name:
+            return p
     raise FileNotFoundError(f"{folder}/{stem}.*")
 
 

@@ -4,29 +4,66 @@ Example:
     python -m experiments.restore --model outputs/demo/pipeline --images tiles/ --masks masks/ --out restored/
     python -m experiments.restore --model DIR --images tiles/ --masks authors_masks/ --mask-convention keep ...
 
-Masks pair with images by file name (stem); nonzero = artifact by default, ``--mask-convention keep`` reads the
-authors' RePaint-style masks (255 = keep, 0 = artifact). Outputs are same-named PNGs, each written atomically; a
-rerun skips finished outputs, so an interrupted run resumes where it stopped. A bad image or mask is reported and
-skipped; the run goes on and lists the skipped files at the end (and in ``OUT/skipped.tsv``).
+Images and masks pair by relative path without the suffix (``tiles/a/t.png`` with ``masks/a/t.jpg``) and outputs keep
+that layout (``restored/a/t.png``); two files that would pair with one mask or write one output are refused. Masks are
+binary, 255 (or 1) = artifact and 0 = clean; ``--mask-convention keep`` reads the authors' RePaint-style masks (255 =
+keep, 0 = artifact). Every tile's size is checked against what the method takes before it reaches the model: a latent
+pipeline needs sides that are multiples of the VAE factor times the UNet's total downsampling, so other sizes are
+reflect-padded, restored and cropped back (clean pixels stay bit-exact), images larger than the pipeline's tile size
+are restored tile-wise, and tiles too small to pad are skipped with the reason.
 
-Determinism: one ``torch.Generator`` seeded with ``--seed`` drives each batch, so the same inputs, seed and batch
-size give the same outputs; a resumed run batches the remaining files differently and so draws different noise.
+Outputs are PNGs written atomically. ``OUT/restore_manifest.json`` records the method, the model's fingerprint, the
+sampler overrides, seed, batch size, mask convention, precision and code version: a rerun with the same settings
+resumes (zero-byte or undecodable outputs are redone), other settings are refused unless you pass ``--force`` (redo
+every file) or a new ``--out``. A bad image or mask is skipped and the run goes on; the summary counts restored,
+resumed and skipped files, with the reasons (also in ``OUT/skipped.tsv``). Exit status: 0 when files were restored or
+resumed, 1 when nothing was (no pair, or every file skipped), 2 for bad arguments, 130 for Ctrl-C.
+
+Determinism: pairs (sorted by relative path) are batched in fixed groups of ``--batch-size``, and each model call draws
+its noise from a generator seeded with ``--seed`` and the relative paths of the tiles in it, so equal inputs and
+settings give byte-identical outputs and a resumed run equals an uninterrupted one (a group with a missing output is
+recomputed as a whole; only the missing files are written).
 """
 
 import argparse
+import hashlib
+import importlib.metadata
+import inspect
+import json
 import logging
+import os
+import subprocess
 import sys
 import time
-from pathlib import Path
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 
+import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from datamodules.datasets import to_mask_tensor, to_tensor, to_uint8
 from datamodules.imageio import ImageReadError, list_images, read_image, read_mask, write_image_atomic
-from lightning_modules.components.restorer import available_restorers, build_restorer
+from experiments.cli_errors import (
+    CLIError,
+    check_device,
+    check_input_folder,
+    check_output_folder,
+    check_range,
+    debug_requested,
+    one_line,
+    run_main,
+)
+from experiments.scoring import index_images
+from lightning_modules.components.restorer import RESTORERS, available_restorers, build_restorer
 
 log = logging.getLogger("experiments.restore")
+
+MANIFEST = "restore_manifest.json"
+MANIFEST_FORMAT = 1
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,112 +72,448 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", type=Path, help="exported pipeline folder (methods latent, latent-reference, ...)")
     p.add_argument("--method", default="latent", help=f"restoration method: {', '.join(available_restorers())}")
     p.add_argument("--images", type=Path, required=True, help="folder of corrupted tiles (recursive)")
-    p.add_argument("--masks", type=Path, required=True, help="folder of masks with the same file names")
-    p.add_argument("--out", type=Path, required=True, help="output folder (same-named PNGs)")
-    p.add_argument("--steps", type=int, help="sampling steps (default: the pipeline's)")
+    p.add_argument("--masks", type=Path, required=True,
+                   help="folder of masks with the same relative paths (suffixes may differ)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (PNGs with the images' relative paths)")
+    p.add_argument("--steps", type=int, help="sampling steps, >= 1 (default: the pipeline's)")
     p.add_argument("--preset", choices=("repaint", "reference"), help="sampler preset (default: the pipeline's)")
     p.add_argument("--scheduler", choices=("ddpm", "ddim", "dpmsolver++"), help="sampling scheduler")
-    p.add_argument("--strength", type=float, help="start at strength x T (1 = full regeneration)")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--strength", type=float, help="in (0, 1]: start at strength x T (1 = full regeneration)")
+    p.add_argument("--batch-size", type=int, default=4, help="tiles per model call, >= 1 (part of the settings)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision")
     p.add_argument("--mask-convention", choices=("artifact", "keep"), default="artifact",
-                   help="artifact: nonzero = artifact (this suite); keep: 255 = keep, 0 = artifact (the authors')")
+                   help="artifact: 255 (or 1) = artifact, 0 = clean (this suite); keep: 255 = keep, 0 = artifact "
+                        "(the authors'); masks with any other values are skipped")
+    p.add_argument("--force", action="store_true", help="redo every output, whatever settings made the ones in --out")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors (or LAF_DEBUG=1)")
     return p.parse_args(argv)
 
 
-def pair_files(images: Path, masks: Path) -> tuple[list[tuple[Path, Path]], list[tuple[str, str]]]:
-    """Pair images with masks by stem; returns the pairs and ``(file, reason)`` for unmatched files."""
-    mask_by_stem = {p.stem: p for p in list_images(masks)}
+def uses_model(method: str) -> bool:
+    """Whether a registered method loads a model folder (its factory takes ``model``)."""
+    available_restorers()
+    return "model" in inspect.signature(RESTORERS[method]).parameters
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Check every value before a model is loaded; raises CLIError naming the flag and what to pass."""
+    methods = available_restorers()
+    if args.method not in methods:
+        raise CLIError(f"--method {args.method!r} is unknown; choose one of {', '.join(methods)}")
+    check_range("--steps", args.steps, low=1)
+    check_range("--strength", args.strength, low=0, high=1, low_open=True)
+    check_range("--batch-size", args.batch_size, low=1)
+    check_device(args.device)
+    check_input_folder(args.images, "--images")
+    check_input_folder(args.masks, "--masks")
+    if uses_model(args.method):
+        if args.model is None:
+            raise CLIError(f"--method {args.method} needs --model DIR (a folder from python -m experiments.export)")
+        if not args.model.is_dir():
+            raise CLIError(f"--model {args.model} is not a folder; pass one written by python -m experiments.export")
+    out = args.out.resolve()
+    for flag, folder in (("--images", args.images), ("--masks", args.masks)):
+        if out == folder.resolve():
+            raise CLIError(f"--out {args.out} is the {flag} folder: outputs would replace inputs; pass another folder")
+
+
+def pair_files(
+    images: Path, masks: Path, *, exclude: Path | None = None
+) -> tuple[list[tuple[str, Path, Path]], list[tuple[str, str]]]:
+    """Pair images with masks by relative path without the suffix.
+
+    Args:
+        images: Folder of images (recursive).
+        masks: Folder of masks (recursive).
+        exclude: A folder whose files are ignored (the output folder when it lies inside ``images``).
+
+    Returns:
+        ``[(name, image, mask)]`` sorted by name (``a/t`` for ``a/t.png``), and ``(file, reason)`` for every
+        unmatched file.
+
+    Raises:
+        CLIError: Two files of one folder share a name (``t.png`` and ``t.jpg``); the message lists them.
+    """
+    try:
+        image_index, mask_index = index_images(images, exclude=exclude), index_images(masks, exclude=exclude)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    by_stem: dict[str, list[str]] = {}
+    for key in mask_index:
+        by_stem.setdefault(PurePosixPath(key).name, []).append(key)
     pairs, skipped = [], []
-    for img in list_images(images):
-        if img.stem in mask_by_stem:
-            pairs.append((img, mask_by_stem.pop(img.stem)))
-        else:
-            skipped.append((str(img), f"no mask named {img.stem}.* in {masks}"))
-    skipped += [(str(m), "mask without an image of the same name") for m in mask_by_stem.values()]
+    for key in sorted(image_index):
+        if key in mask_index:
+            pairs.append((key, image_index[key], mask_index[key]))
+            continue
+        elsewhere = [k for k in by_stem.get(PurePosixPath(key).name, []) if k not in image_index]
+        hint = f" (masks pair by relative path; {elsewhere[0]} is in another folder)" if elsewhere else ""
+        skipped.append((str(image_index[key]), f"no mask {key}.* in {masks}{hint}"))
+    skipped += [(str(mask_index[k]), f"mask without an image {k}.* in {images}")
+                for k in sorted(set(mask_index) - set(image_index))]
     return pairs, skipped
 
 
-def load_pair(img_path: Path, mask_path: Path, convention: str, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read one image and its mask as tensors; raises ImageReadError with the file name for any problem."""
+def load_pair(img_path: Path, mask_path: Path, convention: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read one image (uint8 RGB) and its mask (bool, True = artifact); raises ImageReadError naming the file."""
     img = read_image(img_path)
-    mask = read_mask(mask_path, convention=convention, shape=img.shape[:2])
-    h, w = img.shape[:2]
-    if h % factor or w % factor:
-        raise ImageReadError(f"{img_path}: size {w}x{h} is not a multiple of {factor}; crop or tile it first")
-    return to_tensor(img), to_mask_tensor(mask)
+    return img, read_mask(mask_path, convention=convention, shape=img.shape[:2])
+
+
+def tile_geometry(restorer) -> tuple[int, int | None]:
+    """``(unit, tile)``: sides must be multiples of ``unit`` px; images larger than ``tile`` px go window by window.
+
+    For a pipeline the unit is the VAE factor (1 in pixel space) times the denoiser's total downsampling: diffusers'
+    ``UNet2DModel`` halves ``len(block_out_channels) - 1`` times, the Swin-UNet needs ``patch_size * 2 ** (levels - 1)``
+    tokens times its window on every level. The tile is the size the pipeline was trained for. The CycleGAN generator
+    downsamples twice (unit 4); classical methods take any size (unit 1).
+    """
+    unet = getattr(restorer, "unet", None)
+    if unet is not None and hasattr(restorer, "factor"):
+        cfg = unet.config
+        if "block_out_channels" in cfg:
+            cells = 2 ** (len(cfg["block_out_channels"]) - 1)
+        elif "patch_size" in cfg and "depths" in cfg:
+            cells = cfg["patch_size"] * 2 ** (len(cfg["depths"]) - 1) * cfg.get("window_size", 1)
+        else:
+            cells = 1
+        unit = restorer.factor * cells
+        image_size = getattr(restorer, "image_size", None)
+        return unit, (-(-image_size // unit) * unit if image_size else None)
+    if type(restorer).__name__ == "CycleGANRestorer":
+        return 4, None
+    return getattr(restorer, "factor", 1), None
+
+
+def plan_windows(height: int, width: int, unit: int, tile: int | None) -> list[tuple[int, int, int, int]]:
+    """``(y, x, h, w)`` windows covering an image: the whole image, or ``tile``-sized windows for larger images.
+
+    Windows start every ``tile`` px and the last one in each direction ends at the border (overlapping its
+    neighbour; in the overlap the later window wins), so no window is smaller than the image or ``tile``.
+
+    Raises:
+        ImageReadError: A side is too small to reflect-pad to a multiple of ``unit`` (it needs more than ``unit / 2``
+            px, since a reflection adds at most ``side - 1`` px).
+    """
+    def starts(n: int) -> tuple[list[int], int]:
+        if tile is None or n <= tile:
+            return [0], n
+        s = list(range(0, n - tile + 1, tile))
+        return (s if s[-1] == n - tile else [*s, n - tile]), tile
+
+    ys, wh = starts(height)
+    xs, ww = starts(width)
+    if (-wh % unit) >= wh or (-ww % unit) >= ww:
+        raise ImageReadError(
+            f"image is {width}x{height} px (WxH), too small for this method: sides are reflect-padded to multiples "
+            f"of {unit} px, which needs at least {unit // 2 + 1} px; use larger tiles or a classical method (telea)"
+        )
+    return [(y, x, wh, ww) for y in ys for x in xs]
+
+
+@dataclass
+class _Item:
+    """One window of one image, padded to the method's unit."""
+
+    key: str
+    window: tuple[int, int, int, int]
+    image: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def id(self) -> str:
+        y, x, h, w = self.window
+        return f"{self.key}@{y},{x},{h},{w}"
+
+
+def batch_seed(seed: int, ids: list[str]) -> int:
+    """A 63-bit seed from ``--seed`` and the relative paths (window ids) of the tiles restored in one call."""
+    digest = hashlib.sha256("\n".join([str(seed), *ids]).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def code_version() -> str:
+    """``git <HEAD>`` of this checkout, else the installed package version, else pyproject's version."""
+    try:
+        proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        if proc.returncode == 0 and proc.stdout.strip():
+            return f"git {proc.stdout.strip()}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        return f"package {importlib.metadata.version('latent-artifusion-suite')}"
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    try:
+        return f"package {tomllib.loads((ROOT / 'pyproject.toml').read_text())['project']['version']}"
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        return "unknown"
+
+
+def model_fingerprint(folder: Path) -> str:
+    """SHA-256 (first 20 hex digits) of every file's relative path and content in a model folder (hidden ones aside)."""
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder)
+        if not p.is_file() or any(part.startswith(".") for part in rel.parts):
+            continue
+        h.update(rel.as_posix().encode() + b"\0")
+        with p.open("rb") as f:
+            for block in iter(lambda f=f: f.read(1 << 20), b""):
+                h.update(block)
+        h.update(b"\0")
+    return h.hexdigest()[:20]
+
+
+def run_settings(args: argparse.Namespace) -> dict:
+    """What makes the outputs what they are: a rerun into the same ``--out`` must match all of it to resume."""
+    return {
+        "format": MANIFEST_FORMAT,
+        "method": args.method,
+        "model_fingerprint": model_fingerprint(args.model) if uses_model(args.method) else None,
+        "sampler": {"steps": args.steps, "strength": args.strength, "preset": args.preset,
+                    "scheduler": args.scheduler},
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "mask_convention": args.mask_convention,
+        "precision": args.precision,
+        "code_version": code_version(),
+    }
+
+
+def check_manifest(out: Path, settings: dict, force: bool) -> dict:
+    """Refuse to resume into ``out`` unless its manifest has ``settings``; returns the earlier runs' timing."""
+    path = out / MANIFEST
+    if force:
+        return {}
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError):
+            raise CLIError(f"{path} is unreadable; use a new --out, or --force to redo every file") from None
+        before, now = _flat(old), _flat(settings)
+        diffs = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in now.items() if before.get(k) != v]
+        if diffs:
+            raise CLIError(f"{out} holds outputs of other settings ({'; '.join(diffs)}); use a new --out, or --force "
+                           "to redo every file with these settings")
+        return old.get("timing", {})
+    existing = list_images(out)
+    if existing:
+        raise CLIError(f"{out} already holds {len(existing)} image(s) but no {MANIFEST}, so their settings are "
+                       "unknown; use a new --out, or --force to redo every file")
+    return {}
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    out = {}
+    for k, v in (d.items() if isinstance(d, dict) else ()):
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def output_ok(out_path: Path, image_path: Path) -> bool:
+    """Whether ``out_path`` is a non-empty, fully decodable image of the input's size."""
+    try:
+        if out_path.stat().st_size == 0:
+            return False
+        with Image.open(out_path) as im:
+            im.load()
+            size = im.size
+    except (OSError, ValueError, SyntaxError):
+        return False
+    try:
+        with Image.open(image_path) as src:
+            return src.size == size
+    except (OSError, ValueError, SyntaxError):
+        return True
+
+
+def _reason(err: Exception, *paths: Path) -> tuple[str, str]:
+    """``(file, problem)`` from an ImageReadError, without repeating the file name in the problem."""
+    text = str(err)
+    for p in map(str, paths):
+        if text.startswith(f"{p}: "):
+            return p, text[len(p) + 2 :]
+    return str(paths[0]), text
 
 
 def restore_folder(args: argparse.Namespace) -> dict:
-    """Restore every paired file not yet in ``args.out``.
+    """Restore every paired file of ``args.images`` that has no valid output in ``args.out`` yet.
 
     Returns:
-        ``{"done": tiles restored now, "skipped": [(file, reason)], "seconds": wall time, "nfe": NFE per tile}``.
+        ``{"done": tiles written now, "resumed": tiles already there, "skipped": [(file, reason)], "pairs": paired
+        files, "seconds": wall time, "nfe": NFE per tile, "timing": {"seconds", "tiles"} over every run of these
+        settings}``.
+
+    Raises:
+        CLIError: A bad argument, nothing paired, an ambiguous name, an output folder of other settings, or Ctrl-C.
     """
-    for folder in (args.images, args.masks):
-        if not folder.is_dir():
-            raise SystemExit(f"{folder} is not a folder")
+    debug = getattr(args, "debug", False) or debug_requested([])
+    validate_args(args)
+    pairs, skipped = pair_files(args.images, args.masks, exclude=args.out)
+    if not pairs:
+        why = f"; e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else f" ({args.images} holds no images)"
+        raise CLIError(f"nothing to restore: no image in {args.images} has a mask with the same relative path in "
+                       f"{args.masks}{why}", code=1)
+    check_output_folder(args.out)
+    settings = run_settings(args)
+    timing = check_manifest(args.out, settings, args.force)
     restorer = build_restorer(args.method, model=args.model, device=args.device, precision=args.precision)
-    factor = getattr(restorer, "factor", 1)
-    pairs, skipped = pair_files(args.images, args.masks)
-    args.out.mkdir(parents=True, exist_ok=True)
-    todo = [(i, m) for i, m in pairs if not (args.out / f"{i.stem}.png").exists()]
-    if len(todo) < len(pairs):
-        print(f"resuming: {len(pairs) - len(todo)} outputs already in {args.out}")
     overrides = {"num_steps": args.steps, "strength": args.strength, "preset": args.preset, "scheduler": args.scheduler}
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    generator = torch.Generator().manual_seed(args.seed)
-    done, start = 0, time.perf_counter()
-    bar = tqdm(total=len(todo), desc=f"restoring ({args.method})", unit="tile")
-    pending: list[tuple[Path, torch.Tensor, torch.Tensor]] = []
-
-    def flush() -> None:
-        nonlocal done
-        by_shape: dict[tuple, list] = {}
-        for item in pending:
-            by_shape.setdefault(tuple(item[1].shape), []).append(item)
-        for group in by_shape.values():
-            x = torch.stack([g[1] for g in group])
-            m = torch.stack([g[2] for g in group])
-            kwargs = overrides if hasattr(restorer, "make_sampler") else {}
-            out = restorer.restore(x, m, generator=generator, **kwargs)
-            for (path, _, _), rgb in zip(group, to_uint8(out), strict=True):
-                write_image_atomic(args.out / f"{path.stem}.png", rgb)
-            done += len(group)
-            bar.update(len(group))
-        pending.clear()
-
-    for img_path, mask_path in todo:
+    kwargs = {k: v for k, v in overrides.items() if v is not None} if hasattr(restorer, "make_sampler") else {}
+    nfe = getattr(restorer, "nfe", 0)
+    if hasattr(restorer, "make_sampler"):
         try:
-            x, m = load_pair(img_path, mask_path, args.mask_convention, factor)
+            nfe = restorer.make_sampler(**kwargs).expected_nfe()
+        except ValueError as err:
+            raise CLIError(f"sampler settings rejected: {one_line(err)}") from None
+    unit, tile = tile_geometry(restorer)
+    timing = {"seconds": float(timing.get("seconds", 0.0)), "tiles": int(timing.get("tiles", 0))}
+    manifest = {**settings, "model": str(args.model) if settings["model_fingerprint"] else None, "timing": timing}
+    _write_json(args.out / MANIFEST, manifest)
+
+    stats = {"done": 0, "resumed": 0, "computed": 0, "padded": 0, "windowed": 0}
+    start = time.perf_counter()
+    bar = tqdm(total=len(pairs), desc=f"restoring ({args.method})", unit="tile")
+    try:
+        for c in range(0, len(pairs), args.batch_size):
+            chunk = pairs[c : c + args.batch_size]
+            need = [args.force or not output_ok(args.out / f"{key}.png", img) for key, img, _ in chunk]
+            if any(need):
+                _restore_chunk(restorer, chunk, need, args, unit, tile, kwargs, stats, skipped, debug)
+            else:
+                stats["resumed"] += len(chunk)
+            bar.update(len(chunk))
+    except KeyboardInterrupt:
+        raise CLIError(f"interrupted after writing {stats['done']} output(s) to {args.out}; finished files are "
+                       "complete, rerun the same command to resume", code=130) from None
+    finally:
+        bar.close()
+        elapsed = time.perf_counter() - start
+        if stats["computed"]:
+            timing = {"seconds": timing["seconds"] + elapsed, "tiles": timing["tiles"] + stats["computed"]}
+            _write_json(args.out / MANIFEST, {**manifest, "timing": timing})
+    _print_summary(args, stats, skipped, elapsed, nfe, unit, tile)
+    return {"done": stats["done"], "resumed": stats["resumed"], "skipped": skipped, "pairs": len(pairs),
+            "seconds": elapsed, "nfe": nfe, "timing": timing}
+
+
+def _restore_chunk(restorer, chunk, need, args, unit, tile, kwargs, stats, skipped, debug) -> None:
+    """Read one fixed group of pairs, restore its windows in batches and write the missing outputs."""
+    loaded = []
+    for (key, img_path, mask_path), needed in zip(chunk, need, strict=True):
+        try:
+            rgb, mask = load_pair(img_path, mask_path, args.mask_convention)
+            windows = plan_windows(*rgb.shape[:2], unit, tile)
         except ImageReadError as err:
-            skipped.append((str(img_path), str(err)))
-            bar.update(1)
+            if needed:
+                skipped.append(_reason(err, img_path, mask_path))
+            else:  # unreadable now, but its output from an earlier run is there
+                stats["resumed"] += 1
             continue
-        pending.append((img_path, x, m))
-        if len(pending) == args.batch_size:
-            flush()
-    if pending:
-        flush()
-    bar.close()
-    elapsed = time.perf_counter() - start
+        loaded.append((key, img_path, rgb, mask, windows, needed))
+    if not any(needed for *_, needed in loaded):
+        stats["resumed"] += len(loaded)
+        return
+    groups: dict[tuple[int, int], list[_Item]] = {}
+    for key, _, rgb, mask, windows, _ in loaded:
+        for y, x, h, w in windows:
+            pad = ((0, -h % unit), (0, -w % unit))
+            img = np.pad(rgb[y : y + h, x : x + w], (*pad, (0, 0)), mode="reflect")
+            msk = np.pad(mask[y : y + h, x : x + w], pad, mode="reflect")
+            groups.setdefault(img.shape[:2], []).append(_Item(key, (y, x, h, w), to_tensor(img), to_mask_tensor(msk)))
+    wanted = {key for key, *_, needed in loaded if needed}
+    results: dict[str, dict] = {}
+    failed: dict[str, str] = {}
+    computed: set[str] = set()
+    for items in groups.values():
+        for s in range(0, len(items), args.batch_size):
+            batch = items[s : s + args.batch_size]
+            if not any(it.key in wanted for it in batch):
+                continue
+            generator = torch.Generator().manual_seed(batch_seed(args.seed, [it.id for it in batch]))
+            try:
+                out = restorer.restore(torch.stack([it.image for it in batch]), torch.stack([it.mask for it in batch]),
+                                       generator=generator, **kwargs)
+            except Exception as err:  # one failing batch must not cost the other tiles
+                if debug:
+                    raise
+                for it in batch:
+                    failed[it.key] = f"restoration failed ({type(err).__name__}: {one_line(err)[:200]})"
+                continue
+            computed.update(it.key for it in batch)
+            for it, rgb in zip(batch, to_uint8(out), strict=True):
+                results.setdefault(it.key, {})[it.window] = rgb
+    for key, img_path, rgb, _, windows, needed in loaded:
+        if key in failed:
+            if needed:
+                skipped.append((str(img_path), failed[key]))
+            else:
+                stats["resumed"] += 1
+            continue
+        if not needed:
+            stats["resumed"] += 1
+            continue
+        canvas = np.empty_like(rgb)
+        for y, x, h, w in windows:  # in window order: where windows overlap, the later one wins
+            canvas[y : y + h, x : x + w] = results[key][(y, x, h, w)][:h, :w]
+        try:
+            write_image_atomic(args.out / f"{key}.png", canvas)
+        except OSError as err:
+            raise CLIError(f"cannot write {args.out / f'{key}.png'} ({err.strerror or one_line(err)}); free space or "
+                           "choose another --out, then rerun to resume", code=1) from None
+        stats["done"] += 1
+        stats["padded"] += any(h % unit or w % unit for _, _, h, w in windows)
+        stats["windowed"] += len(windows) > 1
+    stats["computed"] += len(computed - set(failed))
+
+
+def _print_summary(args, stats, skipped, elapsed, nfe, unit, tile) -> None:
+    """Console summary: restored, resumed and skipped counts, each skipped file with its reason, ``skipped.tsv``."""
+    done, resumed = stats["done"], stats["resumed"]
     rate = done / elapsed if elapsed > 0 else float("nan")
-    print(f"restored {done} tiles in {elapsed:.1f} s ({rate:.3f} tiles/s, {getattr(restorer, 'nfe', 0)} NFE per tile)")
+    if resumed:
+        print(f"resuming: {resumed} outputs already in {args.out} (same settings) were kept")
+    print(f"restored {done} tile(s) in {elapsed:.1f} s ({rate:.3f} tiles/s, {nfe} NFE per tile); {resumed} resumed, "
+          f"{len(skipped)} skipped")
+    if stats["padded"]:
+        print(f"  {stats['padded']} tile(s) reflect-padded to multiples of {unit} px for the model and cropped back")
+    if stats["windowed"]:
+        print(f"  {stats['windowed']} image(s) larger than {tile} px restored in {tile} px windows")
+    tsv = args.out / "skipped.tsv"
     if skipped:
         print(f"skipped {len(skipped)} file(s):")
-        for path, why in skipped:
+        for path, why in skipped[:50]:
             print(f"  {path}: {why}")
-        (args.out / "skipped.tsv").write_text("".join(f"{p}\t{w}\n" for p, w in skipped))
-    return {"done": done, "skipped": skipped, "seconds": elapsed, "nfe": getattr(restorer, "nfe", 0)}
+        if len(skipped) > 50:
+            print(f"  ... and {len(skipped) - 50} more in {tsv}")
+        tsv.write_text("".join(f"{p}\t{w}\n" for p, w in skipped))
+    elif tsv.exists():
+        tsv.unlink()
+
+
+def _main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    stats = restore_folder(args)
+    if stats["done"] + stats["resumed"] == 0:
+        raise CLIError(f"nothing restored: all {stats['pairs']} paired file(s) were skipped (reasons above and in "
+                       f"{args.out / 'skipped.tsv'})", code=1)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point."""
+    """Command-line entry point; returns the exit status (0 done, 1 nothing restored, 2 bad arguments, 130 Ctrl-C)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    restore_folder(parse_args(argv))
-    return 0
+    return run_main(_main, argv)
 
 
 if __name__ == "__main__":

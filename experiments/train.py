@@ -14,11 +14,17 @@ Usage::
         --model.init_args.autoencoder outputs/vae_cpu
     # resume exactly (optimizer, EMA, step counters) from the last checkpoint
     python -m experiments.train fit --config ... --ckpt_path outputs/checkpoints/last.ckpt
+
+Run as a command, a failure of the known kinds (a data source that does not exist, an unreadable folder, a bad value)
+ends with one ``error:`` line and exit status 1; ``--debug`` (or ``LAF_DEBUG=1``) shows the traceback.
 """
+
+import sys
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
+from experiments.cli_errors import run_main
 from lightning_modules.callbacks.wandb_config import ConfigToWandb
 
 
@@ -46,5 +52,16 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
     )
 
 
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point: :func:`cli_main` with one-line errors (``--debug`` is taken out of the arguments)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+
+    def run(args: list[str]) -> int:
+        cli_main([a for a in args if a != "--debug"])
+        return 0
+
+    return run_main(run, argv)
+
+
 if __name__ == "__main__":
-    cli_main()
+    sys.exit(main())

@@ -174,29 +174,59 @@ class RestorationPipeline(torch.nn.Module):
     def from_pretrained(
         cls, path: str | Path, *, device: str | torch.device = "cpu", precision: str = "fp32", name: str | None = None
     ) -> "RestorationPipeline":
-        """Load a folder written by :func:`save_pipeline`; errors name the missing part."""
+        """Load a folder written by :func:`save_pipeline`; errors name the missing or damaged file.
+
+        Raises:
+            FileNotFoundError: No ``pipeline.json``, or a part (``unet/``, ``scheduler/``, ``vae/``) or its weights
+                missing.
+            ValueError: ``pipeline.json`` is not valid JSON, lacks a key or has another format version, or a part's
+                files cannot be loaded (truncated weights, bad config).
+        """
         path = Path(path)
         meta_file = path / "pipeline.json"
+        fix = "re-export it with `python -m experiments.export` (or `make demo`)"
         if not meta_file.is_file():
             raise FileNotFoundError(
                 f"{path} is not a restoration pipeline (no pipeline.json); export one with "
                 "`python -m experiments.export` or the demo (`make demo`)"
             )
-        meta = json.loads(meta_file.read_text())
+        try:
+            meta = json.loads(meta_file.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{meta_file} is not valid JSON ({err}); the pipeline folder is damaged: {fix}") from err
+        missing = [k for k in ("kind", "sampler") if not isinstance(meta, dict) or k not in meta]
+        if missing:
+            raise ValueError(f"{meta_file} lacks {', '.join(missing)}; the pipeline folder is damaged: {fix}")
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{meta_file}: format_version {meta.get('format_version')} != {FORMAT_VERSION}")
+
+        def load(part: str, loader, **kwargs):
+            folder = path / part
+            if not any((folder / name).is_file() for name in ("config.json", "scheduler_config.json")):
+                raise FileNotFoundError(f"{folder} is missing or has no config, so the pipeline is incomplete: {fix}")
+            try:
+                return loader(folder, local_files_only=True, **kwargs)
+            except Exception as err:  # diffusers and safetensors raise OSError, ValueError or their own types
+                text = " ".join(str(err).split())[:300] or type(err).__name__
+                kind = FileNotFoundError if "no file named" in text.lower() else ValueError
+                raise kind(f"{folder}: cannot load ({text}); {fix}") from err
+
         unet_cls = import_class(meta.get("denoiser_class", "diffusers.UNet2DModel"))
         # low_cpu_mem_usage=False: the fast path needs `accelerate`, which the suite does not depend on
-        unet = unet_cls.from_pretrained(path / "unet", local_files_only=True, low_cpu_mem_usage=False)
-        scheduler = DDPMScheduler.from_pretrained(path / "scheduler", local_files_only=True)
+        unet = load("unet", unet_cls.from_pretrained, low_cpu_mem_usage=False)
+        scheduler = load("scheduler", DDPMScheduler.from_pretrained)
         vae = None
         if meta["kind"] == "latent":
-            vae = AutoencoderKL.from_pretrained(path / "vae", local_files_only=True, low_cpu_mem_usage=False)
+            vae = load("vae", AutoencoderKL.from_pretrained, low_cpu_mem_usage=False)
         conditional = bool(meta.get("conditional", False))
+        try:
+            sampler = SamplerConfig.from_dict(meta["sampler"])
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{meta_file}: bad sampler settings ({err}); {fix}") from err
         pipe = cls(
             unet,
             scheduler,
-            SamplerConfig.from_dict(meta["sampler"]),
+            sampler,
             vae,
             scheduler_name=meta.get("scheduler_name", "ddpm"),
             precision=precision,
