@@ -12,7 +12,8 @@ the default lossless zlib output those pixels are byte-identical to the input le
 size). Outputs: OUT.tif, OUT.mask.png (which pixels are synthetic), OUT.preview.png, OUT.json (tiles, areas,
 timings, settings, versions; Dice with ``--truth-mask``; PSNR and seam-band PSNR with ``--truth-image``), and the
 resumable tile store OUT.tiles/ (a rerun restores only the missing tiles; other settings need ``--force``).
-Errors in the inputs exit with code 2 and a one-line message.
+``--devices N`` / ``--num-nodes M`` restore through Lightning's predict loop with DDP (docs/SLIDES.md); the output
+does not depend on the number of processes. Errors in the inputs exit with code 2 and a one-line message.
 """
 
 import argparse
@@ -138,6 +139,19 @@ def restore_local(args: argparse.Namespace, source, mask, plan: TilePlan, store:
     return written
 
 
+def restore_distributed(args: argparse.Namespace, source, mask, plan: TilePlan, store: TileStore) -> tuple[bool, int]:
+    """Restore through Lightning's predict loop on ``--devices`` x ``--num-nodes`` processes."""
+    from lightning_modules.slide_predict import predict_tiles
+
+    restorer = _build_restorer(args, "cpu")  # Lightning moves nn.Module restorers to each rank's device
+    accelerator = "cpu" if str(args.device).startswith("cpu") else "gpu"
+    return predict_tiles(
+        restorer, source, mask, plan, store, seed=args.seed, overrides={"num_steps": args.steps} if args.steps else {},
+        accelerator=accelerator, devices=args.devices, num_nodes=args.num_nodes, force=args.force,
+        progress=not args.no_progress, num_workers=args.workers, root=store.root,
+    )
+
+
 def assemble(args: argparse.Namespace, source, info, mask, plan: TilePlan, store: TileStore) -> dict:
     """Write OUT.tif, OUT.mask.png and OUT.preview.png from the input and the stored tiles; returns figures."""
     paths = derived_paths(args.out)
@@ -187,8 +201,12 @@ def run(args: argparse.Namespace) -> dict:
     resumed = len(store.done() & set(plan.restore)) if not store.mismatch() else 0
     t0 = time.perf_counter()
     if args.devices * args.num_nodes > 1:
-        raise SlideInputError("--devices / --num-nodes above 1 are not available yet; run with one process")
-    restored_now = restore_local(args, source, mask, plan, store)
+        is_zero, _ = restore_distributed(args, source, mask, plan, store)
+        if not is_zero:
+            return {}
+        restored_now = len(plan.restore) - resumed
+    else:
+        restored_now = restore_local(args, source, mask, plan, store)
     restore_s = time.perf_counter() - t0
     if args.max_tiles is not None and len(store.done() & set(plan.restore)) < len(plan.restore):
         print(f"stopped after {restored_now} new tiles (--max-tiles); rerun to resume from {store.root}")

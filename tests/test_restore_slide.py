@@ -7,6 +7,9 @@ process count, manifests).
 """
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -22,6 +25,7 @@ from datamodules.slides import SlideInfo, TileGrid
 from experiments import restore_slide
 from lightning_modules.components.slide_restore import SlideAssembler, TilePlan, tile_weights
 
+ROOT = Path(__file__).resolve().parents[1]
 MPP = 0.499
 SIZE = 1024
 # tiny-pipeline runs work on level 2 (256 x 256; the GeoJSON's level-0 coordinates are scaled by 1/4), 64 px tiles
@@ -309,3 +313,21 @@ def test_pyramid_writer_odd_sizes_and_jpeg(tmp_path, case):
         else:
             assert np.array_equal(back, img)
     assert not list(tmp_path.glob(".*"))  # no temporary files left
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_same_slide_as_one(case, tmp_path, tiny_pipeline):
+    root = case["root"]
+    common = ["--slide", str(root / "ink.tif"), "--masks", str(root / "small.geojson"), "--model", str(tiny_pipeline),
+              *TINY, "--device", "cpu", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "NO_ALBUMENTATIONS_UPDATE": "1"}
+    cmd = [sys.executable, "-m", "experiments.restore_slide", *common, "--out", str(tmp_path / "two.tif")]
+    cmd += ["--devices", "2"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "MEMBER: 2/2" in proc.stderr, "two DDP processes ran"
+    restore_slide.main(common + ["--out", str(tmp_path / "one.tif")])
+    assert (tmp_path / "two.tif").read_bytes() == (tmp_path / "one.tif").read_bytes()
+    assert (tmp_path / "two.mask.png").read_bytes() == (tmp_path / "one.mask.png").read_bytes()
+    report = json.loads((tmp_path / "two.json").read_text())
+    assert report["tiles"]["restored_now"] == report["tiles"]["restored"] > 0
