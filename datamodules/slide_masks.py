@@ -32,8 +32,26 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
+def block_any(mask: np.ndarray, block: int, rows: int = 1024) -> np.ndarray:
+    """Bool (ceil(h / block), ceil(w / block)): whether each block of ``mask`` holds a True pixel.
+
+    Works ``rows`` mask rows at a time, so a disk-backed (memmap) mask is never loaded whole.
+    """
+    h, w = mask.shape
+    bh, bw = -(-h // block), -(-w // block)
+    out = np.zeros((bh, bw), bool)
+    step = max(block, rows // block * block)
+    for y0 in range(0, h, step):
+        chunk = np.asarray(mask[y0 : y0 + step], dtype=bool)
+        ch = -(-chunk.shape[0] // block) * block
+        padded = np.zeros((ch, bw * block), bool)
+        padded[: chunk.shape[0], :w] = chunk
+        out[y0 // block : y0 // block + ch // block] = padded.reshape(ch // block, block, bw, block).any(axis=(1, 3))
+    return out
+
+
 class ImageMask:
-    """A binary mask image covering the whole slide at any level, looked up in the working grid.
+    """A binary mask covering the whole slide at any level, looked up in the working grid.
 
     Args:
         path: Mask image (PNG/TIFF...); nonzero = artifact.
@@ -49,24 +67,34 @@ class ImageMask:
     def __init__(self, path: str | os.PathLike, grid_shape: tuple[int, int], *, what: str = "--masks") -> None:
         self.path = Path(path)
         try:
-            self.mask = read_mask(self.path, threshold=0)
+            mask = read_mask(self.path, threshold=0)
         except ImageReadError as err:
             raise SlideInputError(f"{what}: {err}") from None
-        (mh, mw), (h, w) = self.mask.shape, grid_shape
+        self._setup(mask, grid_shape, f"{what} {self.path}")
+        self.fingerprint = _sha(self.path)
+
+    @classmethod
+    def from_array(cls, mask: np.ndarray, grid_shape: tuple[int, int], *, name: str, fingerprint: str,
+                   kind: str = "array") -> "ImageMask":
+        """The same lookup over a bool (h, w) array (may be a read-only memmap) covering the whole slide."""
+        self = cls.__new__(cls)
+        self.path, self.kind, self.fingerprint = Path(name), kind, fingerprint
+        self._setup(mask, grid_shape, name)
+        return self
+
+    def _setup(self, mask: np.ndarray, grid_shape: tuple[int, int], what: str) -> None:
+        self.mask = mask
+        (mh, mw), (h, w) = mask.shape, grid_shape
         self.sy, self.sx = mh / h, mw / w  # mask pixels per grid pixel
         tol = 0.005 + 2.0 / min(mh, mw)
         if abs(self.sx / self.sy - 1.0) > tol:
             raise SlideInputError(
-                f"{what} {self.path}: mask is {mh}x{mw} (HxW, aspect {mw / mh:.4f}) but the slide grid is {h}x{w} "
+                f"{what}: mask is {mh}x{mw} (HxW, aspect {mw / mh:.4f}) but the slide grid is {h}x{w} "
                 f"(aspect {w / h:.4f}); a mask must cover the whole slide at one of its levels, so its aspect ratio "
                 "must match"
             )
         self.shape = (h, w)
-        bh, bw = -(-mh // _BLOCK), -(-mw // _BLOCK)
-        padded = np.zeros((bh * _BLOCK, bw * _BLOCK), bool)
-        padded[:mh, :mw] = self.mask
-        self.occupancy = padded.reshape(bh, _BLOCK, bw, _BLOCK).any(axis=(1, 3))
-        self.fingerprint = _sha(self.path)
+        self.occupancy = block_any(mask, _BLOCK)
 
     def _index(self, start: int, n: int, scale: float, size: int) -> np.ndarray:
         return np.minimum(((np.arange(start, start + n) + 0.5) * scale).astype(np.int64), size - 1)
@@ -83,7 +111,8 @@ class ImageMask:
             return np.zeros((h, w), bool)
         rows = self._index(y, h, self.sy, self.mask.shape[0])
         cols = self._index(x, w, self.sx, self.mask.shape[1])
-        return self.mask[np.ix_(rows, cols)]
+        block = np.asarray(self.mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1], dtype=bool)
+        return block[np.ix_(rows - rows[0], cols - cols[0])]
 
 
 def _geometries(obj, path: Path) -> list[dict]:
@@ -233,11 +262,13 @@ def load_mask(spec: str, info: SlideInfo, *, what: str = "--masks") -> ImageMask
     """A mask from ``--masks``: a ``.geojson`` / ``.json`` file or a mask image.
 
     Raises:
-        SlideInputError: Missing file, ``auto`` (not available yet), or any problem of the mask itself.
+        SlideInputError: Missing file, ``auto`` (predicted masks are built by ``restore_slide --mask-model``), or any
+            problem of the mask itself.
     """
     if spec == "auto":
         raise SlideInputError(
-            f"{what} auto: automatic artifact masks are not yet available; pass a mask image or a GeoJSON file"
+            f"{what} auto needs an artifact segmenter: pass --mask-model DIR (an exported segmenter), or a mask image "
+            "or GeoJSON file"
         )
     path = Path(spec)
     if not path.is_file():

@@ -33,6 +33,7 @@ from datamodules.slides import SlideInputError, TileGrid, file_fingerprint, open
 from lightning_modules.components.restorer import available_restorers, build_restorer
 from lightning_modules.components.slide_outputs import (
     area_mm2,
+    mask_image,
     mask_scale_for,
     package_versions,
     write_preview,
@@ -54,7 +55,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--masks", required=True,
                    help="mask image aligned to any level (nonzero = artifact), QuPath GeoJSON (level-0 pixels), "
                         "or 'auto' (segmentation model, with --mask-model)")
-    p.add_argument("--mask-model", type=Path, help="artifact segmenter folder for --masks auto")
+    p.add_argument("--mask-model", type=Path, help="exported artifact segmenter folder for --masks auto")
+    p.add_argument("--mask-downsample", type=int, default=2,
+                   help="--masks auto: predict on the working grid reduced this many times (lower magnification)")
+    p.add_argument("--mask-tile", type=int, default=256, help="--masks auto: segmenter tile at the reduced grid")
+    p.add_argument("--mask-threshold", type=float, help="--masks auto: probability threshold (default: the model's)")
     level = p.add_mutually_exclusive_group()
     level.add_argument("--level", type=int, help="pyramid level to restore (default 0)")
     level.add_argument("--mpp", type=float, help="microns per pixel to restore at (resamples the nearest finer level)")
@@ -82,9 +87,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def derived_paths(out: Path) -> dict[str, Path]:
-    """OUT.tif -> the paths of the mask, preview, report and tile store next to it."""
+    """OUT.tif -> the paths of the masks, preview, report and tile store next to it."""
     stem = out.with_suffix("")
     return {"mask": Path(f"{stem}.mask.png"), "preview": Path(f"{stem}.preview.png"),
+            "automask": Path(f"{stem}.automask.png"),
             "json": Path(f"{stem}.json"), "store": Path(f"{stem}.tiles")}
 
 
@@ -192,10 +198,21 @@ def run(args: argparse.Namespace) -> dict:
     if args.batch_size < 1 or args.devices < 1 or args.num_nodes < 1:
         raise SlideInputError("--batch-size, --devices and --num-nodes must be at least 1")
     source, info = open_slide(args.slide, level=args.level, mpp=args.mpp)
-    mask = load_mask(args.masks, info)
+    paths = derived_paths(args.out)
+    auto = None
+    if args.masks == "auto" and args.mask_model is not None:
+        from lightning_modules.components.slide_automask import predict_slide_mask
+
+        mask, auto = predict_slide_mask(
+            args.mask_model, source, info, downsample=args.mask_downsample, out=paths["store"] / "automask.npy",
+            tile=args.mask_tile, batch_size=args.batch_size, threshold=args.mask_threshold, device=args.device,
+            progress=not args.no_progress)
+        auto["png_scale"] = mask_scale_for(info.shape)
+        write_mask_atomic(paths["automask"], mask_image(mask, info.shape, auto["png_scale"]))
+    else:
+        mask = load_mask(args.masks, info)
     grid = TileGrid.build(info.shape, args.tile, args.overlap)
     plan = plan_tiles(grid, mask, args.max_artifact_fraction, args.batch_size)
-    paths = derived_paths(args.out)
     store = TileStore(paths["store"], store_manifest(args, info, mask))
     store.check(force=args.force)
     resumed = len(store.done() & set(plan.restore)) if not store.mismatch() else 0
@@ -216,6 +233,10 @@ def run(args: argparse.Namespace) -> dict:
     assemble_s = time.perf_counter() - t1
     report = make_report(args, source, info, mask, plan, figures, resumed, restored_now,
                          {"total": time.perf_counter() - start, "restore": restore_s, "assemble": assemble_s})
+    if auto is not None:
+        report["mask"]["auto"] = auto | {"png": str(paths["automask"])}
+        if report["tissue_mm2"]:
+            report["mask"]["auto"]["seconds_per_mm2_tissue"] = auto["seconds"] / report["tissue_mm2"]
     write_json_atomic(paths["json"], report)
     print(f"wrote {args.out} ({info.shape[1]}x{info.shape[0]}, {len(plan.restore)} tiles restored, "
           f"{len(plan.flagged)} flagged) and {paths['json'].name}")

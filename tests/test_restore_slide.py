@@ -19,10 +19,12 @@ import pytest
 import tifffile
 import torch
 
+from datamodules.datasets import to_tensor
 from datamodules.pyramid import write_pyramid
 from datamodules.slide_masks import PolygonMask, _edges, fill_polygon
 from datamodules.slides import SlideInfo, TileGrid
 from experiments import restore_slide
+from lightning_modules.components.segmenters import build_segmenter, save_segmenter
 from lightning_modules.components.slide_restore import SlideAssembler, TilePlan, tile_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,7 +105,8 @@ def tiny_pipeline(tmp_path_factory) -> Path:
 
 def run_cli(case: dict, out: Path, *extra: str, masks: str = "ink.geojson") -> dict:
     root = case["root"]
-    args = ["--slide", str(root / "ink.tif"), "--out", str(out), "--masks", str(root / masks), "--device", "cpu",
+    masks = masks if masks == "auto" else str(root / masks)
+    args = ["--slide", str(root / "ink.tif"), "--out", str(out), "--masks", masks, "--device", "cpu",
             "--no-progress", *extra]
     restore_slide.main(args)
     return json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
@@ -213,6 +216,30 @@ def test_latent_resume_is_byte_identical_and_manifest_guards(case, tmp_path, tin
     assert manifest["seed"] == 4 and len(list((tmp_path / "full.tiles" / "tiles").glob("*.png"))) == 2
 
 
+def test_automatic_masks_from_an_exported_segmenter(case, tmp_path):
+    torch.manual_seed(0)
+    net = build_segmenter("tiny").eval()
+    seg = save_segmenter(net, tmp_path / "segmenter")
+    half = cv2.resize(case["ink"], (SIZE // 2, SIZE // 2), interpolation=cv2.INTER_AREA)
+    threshold = float(torch.quantile(net.predict_proba(to_tensor(half)[None]).flatten(), 0.9))  # random net: ~10 %
+    args = ("--method", "telea", "--mask-model", str(seg), "--mask-downsample", "2", "--mask-tile", "128",
+            "--mask-threshold", str(threshold), "--truth-mask", str(case["root"] / "mask.png"),
+            "--max-artifact-fraction", "1")
+    report = run_cli(case, tmp_path / "R.tif", *args, masks="auto")
+    auto = report["mask"]["auto"]
+    assert report["mask"]["kind"] == "auto" and auto["shape"] == [SIZE // 2, SIZE // 2] and auto["png_scale"] == 1
+    assert 0 < auto["tiles_predicted"] <= auto["tiles"] == 25 and auto["threshold"] == threshold
+    used = cv2.imread(str(tmp_path / "R.automask.png"), cv2.IMREAD_GRAYSCALE) > 0
+    assert used.shape == (SIZE, SIZE) and used.sum() == report["artifact_px"] > 0
+    truth = case["truth"]
+    dice = 2 * (used & truth).sum() / (used.sum() + truth.sum())
+    assert report["dice_vs_truth_mask"] == pytest.approx(dice, abs=1e-12), "OUT.json Dice = Dice of OUT.automask.png"
+    out = read_level0(tmp_path / "R.tif")
+    assert np.array_equal(out[~used], case["ink"][~used])
+    again = run_cli(case, tmp_path / "R.tif", *args, masks="auto")  # cached map, stored tiles: nothing recomputed
+    assert again["mask"]["auto"]["seconds"] == auto["seconds"] and again["tiles"]["restored_now"] == 0
+
+
 def test_clear_errors_for_bad_inputs(case, tmp_path, capsys):
     root = case["root"]
     base = ["--out", str(tmp_path / "R.tif"), "--method", "telea", "--device", "cpu", "--no-progress"]
@@ -230,7 +257,7 @@ def test_clear_errors_for_bad_inputs(case, tmp_path, capsys):
     fails(capsys, base + ok_slide + ["--masks", str(tmp_path / "far.geojson")], "lies outside the slide")
     (tmp_path / "points.geojson").write_text(json.dumps({"type": "Point", "coordinates": [1, 2]}))
     fails(capsys, base + ok_slide + ["--masks", str(tmp_path / "points.geojson")], "no Polygon or MultiPolygon")
-    fails(capsys, base + ok_slide + ["--masks", "auto"], "not yet available")
+    fails(capsys, base + ok_slide + ["--masks", "auto"], "needs an artifact segmenter: pass --mask-model")
     fails(capsys, base + ok_slide + ok_mask + ["--level", "5"], "level 5 does not exist")
     fails(capsys, base + ok_slide + ok_mask + ["--mpp", "0.1"], "finer than the slide")
     fails(capsys, ["--out", str(tmp_path / "R.png")] + base[2:] + ok_slide + ok_mask, "must be a .tif")

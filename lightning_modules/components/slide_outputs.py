@@ -19,6 +19,21 @@ def mask_scale_for(shape: tuple[int, int], max_side: int = MASK_MAX_SIDE, cap: i
     return s
 
 
+def mask_image(mask, shape: tuple[int, int], scale: int = 1, rows: int = 256) -> np.ndarray:
+    """Bool (ceil(H / scale), ceil(W / scale)) picture of a window-readable mask (any pixel of a block marks it).
+
+    Read ``rows`` grid rows at a time (``rows`` a multiple of ``scale``), so the grid-sized mask is never built.
+    """
+    from datamodules.slide_masks import block_any
+
+    h, w = shape
+    parts = []
+    for y0 in range(0, h, rows):
+        strip = mask.window(0, y0, w, min(rows, h - y0))
+        parts.append(block_any(strip, scale) if scale > 1 else strip)
+    return np.concatenate(parts)
+
+
 def write_preview(path, small: np.ndarray, synthetic: np.ndarray, boxes: dict[str, list], scale: float) -> None:
     """Overlay PNG: synthetic pixels tinted green with their outline, flagged tiles outlined in red.
 
