@@ -5,6 +5,7 @@
     python -m experiments.export conditional --ckpt runs/.../last.ckpt --out outputs/pipeline_conditional
     python -m experiments.export artifusion --ckpt runs/.../last.ckpt --out outputs/artifusion [--paper-sampler]
     python -m experiments.export cyclegan --ckpt runs/.../last.ckpt --out outputs/cyclegan
+    python -m experiments.export segmenter --ckpt runs/.../best.ckpt --out outputs/artifact_segmenter
 
 - ``vae``: re-estimates the latent scaling factor once on clean validation tiles of ``--sources`` (1 / std of the
   latents) and writes a diffusers ``AutoencoderKL`` folder for ``--model.init_args.autoencoder``.
@@ -15,6 +16,7 @@
 - ``artifusion``: a pixel pipeline; ``--paper-sampler`` stores the paper's RePaint preset (250 steps, jump 10,
   10 resamples: 2410 network evaluations), otherwise ``--steps`` plain steps.
 - ``cyclegan``: the artifact -> clean generator for the ``cyclegan`` restorer.
+- ``segmenter``: the artifact segmenter for ``restore_slide --masks auto --mask-model``.
 """
 
 import argparse
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-KINDS = ("vae", "latent", "conditional", "artifusion", "cyclegan")
+KINDS = ("vae", "latent", "conditional", "artifusion", "cyclegan", "segmenter")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -83,6 +85,11 @@ def export(args: argparse.Namespace) -> Path:
 
         module = PixelDiffusionModule.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=False)
         return module.export(args.out, sampler=None if args.paper_sampler else sampler, image_size=args.image_size)
+    if args.kind == "segmenter":
+        from lightning_modules.segmenter import ArtifactSegmenterModule
+
+        module = ArtifactSegmenterModule.load_for_export(args.ckpt)
+        return module.export(args.out, extra={"checkpoint": str(args.ckpt), "tile_size": args.image_size})
     from lightning_modules.cyclegan import CycleGANModule
 
     module = CycleGANModule.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=False)

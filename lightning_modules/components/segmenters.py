@@ -1,0 +1,182 @@
+"""Artifact segmentation network: a timm ``features_only`` encoder and a light UNet-style decoder.
+
+``ArtifactSegmenter(x)`` maps suite images (B, 3, H, W) in [-1, 1] to artifact logits (B, 1, H, W) (sigmoid > 0.5 =
+artifact). The encoder is timm ``tf_efficientnet_lite0`` (the offline ImageNet weights of ENVIRONMENT.md load into it
+by position through the full classifier, whose feature layers have the same names as the ``features_only`` model);
+the decoder upsamples from the deepest feature map, concatenating each shallower one (UNet skips), with two
+3x3 conv-BN-ReLU blocks per stage, and a last upsampling to the input size. H and W must be multiples of the
+deepest stride (32 with all five stages, 8 for ``tiny``).
+
+Export folder (``save_segmenter`` / ``load_segmenter``)::
+
+    DIR/segmenter.json   # format, encoder, out_indices, decoder channels, threshold, training facts
+    DIR/weights.pt       # state dict (torch.save; loaded with weights_only=True)
+"""
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_modules.components.classifiers import (
+    BUNDLED_EFFICIENTNET_LITE0,
+    bundled_efficientnet_lite0_path,
+    load_pretrained,
+)
+from lightning_modules.components.stain_norm import InputNormalize
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class SegmenterConfig:
+    """Architecture and inference settings of a segmenter (stored in ``segmenter.json``).
+
+    Attributes:
+        encoder: timm model name.
+        out_indices: Encoder stages used (0 = stride 2 ... 4 = stride 32).
+        decoder_channels: Output channels of each decoder stage, deepest first (one per stage).
+        threshold: Probability above which a pixel is an artifact.
+        extra: Free-form facts (training data, tile size, magnification, metrics).
+    """
+
+    encoder: str = "tf_efficientnet_lite0"
+    out_indices: tuple[int, ...] = (0, 1, 2, 3, 4)
+    decoder_channels: tuple[int, ...] = (96, 64, 32, 24, 16)
+    threshold: float = 0.5
+    extra: dict = field(default_factory=dict)
+
+
+SIZES = {
+    "tiny": SegmenterConfig(out_indices=(0, 1, 2), decoder_channels=(16, 12, 8)),
+    "cpu": SegmenterConfig(),
+    "paper": SegmenterConfig(decoder_channels=(256, 128, 64, 32, 16)),
+}
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+    )
+
+
+class ArtifactSegmenter(nn.Module):
+    """Encoder + UNet decoder; (B, 3, H, W) in [-1, 1] -> (B, 1, H, W) artifact logits.
+
+    Args:
+        config: Architecture (see :class:`SegmenterConfig`).
+        pretrained: ``False``, ``"bundled-efficientnet-lite0"`` (offline ImageNet weights) or a local ``.pth``
+            state dict of the full timm classifier.
+    """
+
+    def __init__(self, config: SegmenterConfig, pretrained: bool | str = False) -> None:
+        super().__init__()
+        if len(config.decoder_channels) != len(config.out_indices):
+            raise ValueError(f"decoder_channels {config.decoder_channels} needs one entry per stage "
+                             f"{config.out_indices}")
+        self.config = config
+        self.encoder = timm.create_model(config.encoder, features_only=True, out_indices=tuple(config.out_indices))
+        if pretrained:
+            _load_encoder_weights(self.encoder, config.encoder, pretrained)
+        cfg = self.encoder.pretrained_cfg
+        self.normalize = InputNormalize(tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
+                                        tuple(cfg.get("std", (0.229, 0.224, 0.225))))
+        chans = self.encoder.feature_info.channels()
+        self.stride = self.encoder.feature_info.reduction()[-1]
+        dec = list(config.decoder_channels)
+        blocks, cin = [], chans[-1]
+        for i in range(len(chans) - 1):
+            blocks.append(_block(cin + chans[-2 - i], dec[i]))
+            cin = dec[i]
+        self.decoder = nn.ModuleList(blocks)
+        self.final = _block(cin, dec[-1])
+        self.head = nn.Conv2d(dec[-1], 1, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, 1, H, W) logits; H, W multiples of ``self.stride``."""
+        if x.shape[-1] % self.stride or x.shape[-2] % self.stride:
+            raise ValueError(f"segmenter input {tuple(x.shape[-2:])} must be a multiple of {self.stride} px")
+        feats = self.encoder(self.normalize(x))
+        y = feats[-1]
+        for block, skip in zip(self.decoder, reversed(feats[:-1]), strict=True):
+            y = F.interpolate(y, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            y = block(torch.cat([y, skip], dim=1))
+        y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return self.head(self.final(y))
+
+    @torch.no_grad()
+    def predict_proba(self, x: Tensor) -> Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, 1, H, W) artifact probability in [0, 1] (eval mode, no grad)."""
+        return torch.sigmoid(self(x).float())
+
+
+def _load_encoder_weights(encoder: nn.Module, name: str, pretrained: str) -> None:
+    """Load classifier weights into a ``features_only`` encoder via the full timm model (names match)."""
+    if pretrained == BUNDLED_EFFICIENTNET_LITE0 and name != "tf_efficientnet_lite0":
+        raise ValueError(f"{BUNDLED_EFFICIENTNET_LITE0!r} weights fit tf_efficientnet_lite0, not {name!r}")
+    path = bundled_efficientnet_lite0_path() if pretrained == BUNDLED_EFFICIENTNET_LITE0 else Path(pretrained)
+    full = timm.create_model(name, pretrained=False)
+    load_pretrained(full, path, full.num_classes)
+    source = full.state_dict()
+    missing = [k for k in encoder.state_dict() if k not in source]
+    if missing:
+        raise ValueError(f"{path}: the encoder's {missing[:3]} are not in {name}'s weights")
+    encoder.load_state_dict({k: source[k] for k in encoder.state_dict()})
+
+
+def build_segmenter(size: str = "cpu", pretrained: bool | str = False, threshold: float = 0.5) -> ArtifactSegmenter:
+    """A segmenter of a named size: ``"tiny"`` (tests: 3 stages, 8-16 decoder channels), ``"cpu"``, ``"paper"``.
+
+    Args:
+        size: Key of :data:`SIZES`.
+        pretrained: Encoder initialisation: ``False`` or ``"bundled-efficientnet-lite0"`` (offline ImageNet) or a
+            local state dict of the full timm classifier.
+        threshold: Stored inference threshold.
+    """
+    if size not in SIZES:
+        raise ValueError(f"segmenter size must be one of {sorted(SIZES)}, got {size!r}")
+    base = SIZES[size]
+    config = SegmenterConfig(base.encoder, base.out_indices, base.decoder_channels, threshold, {"size": size})
+    return ArtifactSegmenter(config, pretrained=pretrained)
+
+
+def save_segmenter(model: ArtifactSegmenter, path: str | os.PathLike, extra: dict | None = None) -> Path:
+    """Write ``segmenter.json`` + ``weights.pt`` into ``path`` (built in a temporary folder, then renamed)."""
+    import shutil
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    config = asdict(model.config)
+    config["extra"] = {**config.get("extra", {}), **(extra or {})}
+    meta = {"format_version": FORMAT_VERSION, **config}
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp / "weights.pt")
+    (tmp / "segmenter.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    return path
+
+
+def load_segmenter(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> ArtifactSegmenter:
+    """Load a folder written by :func:`save_segmenter` (eval mode); errors name the missing part."""
+    path = Path(path)
+    meta_file = path / "segmenter.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{path} is not an artifact segmenter (no segmenter.json); train and export one "
+                                "(docs/SLIDES.md)")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{meta_file}: format_version {meta.get('format_version')} != {FORMAT_VERSION}")
+    config = SegmenterConfig(meta["encoder"], tuple(meta["out_indices"]), tuple(meta["decoder_channels"]),
+                             float(meta["threshold"]), meta.get("extra", {}))
+    model = ArtifactSegmenter(config)
+    model.load_state_dict(torch.load(path / "weights.pt", map_location="cpu", weights_only=True))
+    return model.to(device).eval()

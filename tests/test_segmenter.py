@@ -1,0 +1,83 @@
+"""Artifact segmenter: offline ImageNet encoder weights, per-type Dice, a tiny LightningCLI fit on synthetic artifacts
+of the bundled slides, and the export folder that `restore_slide --mask-model` loads."""
+
+import math
+
+import pytest
+import torch
+
+from experiments import export
+from experiments.train import cli_main
+from lightning_modules.components.classifiers import bundled_efficientnet_lite0_path
+from lightning_modules.components.segmenters import build_segmenter, load_segmenter, save_segmenter
+from lightning_modules.segmenter import DicePerType
+
+CONFIGS = "experiments/configs"
+
+
+def test_encoder_starts_from_the_offline_imagenet_weights():
+    net = build_segmenter("cpu", pretrained="bundled-efficientnet-lite0")
+    source = torch.load(bundled_efficientnet_lite0_path(), map_location="cpu", weights_only=True)
+    first = next(iter(source.values()))
+    assert torch.equal(net.encoder.conv_stem.weight, first), "stem conv = first tensor of the bundled weights"
+    assert net.stride == 32 and net(torch.zeros(1, 3, 64, 64)).shape == (1, 1, 64, 64)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        net(torch.zeros(1, 3, 48, 48))
+
+
+def test_dice_per_type_counts_each_tile_for_its_types():
+    metric = DicePerType(types=("ink", "fold", "blur"))
+    target = torch.zeros(2, 1, 4, 4)
+    target[0, 0, :2] = 1  # 8 px
+    probs = torch.zeros(2, 1, 4, 4)
+    probs[0, 0, :1] = 0.9  # 4 px, all inside the target
+    probs[1, 0, 0, 0] = 0.9  # 1 false positive
+    metric.update(probs, target, ["ink,fold", "fold"])
+    dice = metric.compute()
+    assert dice["ink"] == pytest.approx(2 * 4 / (4 + 8))
+    assert dice["fold"] == pytest.approx(2 * 4 / (5 + 8))
+    assert math.isnan(dice["blur"])
+
+
+def test_tiny_fit_on_synthetic_artifacts_then_export(tmp_path):
+    cli = cli_main([
+        "fit", "--config", f"{CONFIGS}/base.yaml", "--config", f"{CONFIGS}/model/segmenter_tiny.yaml",
+        "--config", f"{CONFIGS}/data/bundled_restoration.yaml", "--data.init_args.tile_size", "64",
+        "--data.init_args.stride", "64", "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0",
+        "--data.init_args.max_tiles", "{train: 8, val: 4, test: 4}", "--trainer.max_steps", "2",
+        "--trainer.limit_val_batches", "1", "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path),
+    ])
+    assert cli.trainer.global_step == 2
+    logged = cli.trainer.callback_metrics
+    assert {"val/dice", "val/iou", "val/loss"} <= set(logged) and any(k.startswith("val/dice_") for k in logged)
+    ckpt = next((tmp_path / "checkpoints").glob("segmenter-*.ckpt"))
+    out = tmp_path / "artifact_segmenter"
+    assert export.main(["segmenter", "--ckpt", str(ckpt), "--out", str(out), "--image-size", "64"]) == 0
+    loaded = load_segmenter(out)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    module = cli.model.eval()
+    assert torch.allclose(loaded.predict_proba(x), torch.sigmoid(module(x)), atol=1e-5)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    net = build_segmenter("tiny", threshold=0.3).eval()
+    path = save_segmenter(net, tmp_path / "seg", extra={"note": "test"})
+    again = load_segmenter(path)
+    assert again.config.threshold == 0.3 and again.config.extra["note"] == "test"
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    assert torch.equal(again.predict_proba(x), net.predict_proba(x))
+    with pytest.raises(FileNotFoundError, match="no segmenter.json"):
+        load_segmenter(tmp_path)
+
+
+def test_cpu_and_paper_configs_parse(tmp_path):
+    for size in ("cpu", "paper"):
+        cli = cli_main(
+            ["--config", f"{CONFIGS}/base.yaml", "--config", f"{CONFIGS}/model/segmenter_{size}.yaml",
+             "--config", f"{CONFIGS}/data/bundled_restoration.yaml", "--trainer.logger=false",
+             "--trainer.default_root_dir", str(tmp_path)],
+            run=False,
+        )
+        assert cli.config["model"]["init_args"]["net"]["init_args"]["size"] == size
+        assert cli.model.net.config.extra["size"] == size and cli.datamodule.batch_size in (8, 32)
