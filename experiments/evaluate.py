@@ -249,7 +249,7 @@ def realism_scores(clean: Path, masks: Path, restored: dict[str, Path], names: l
     from datamodules.imageio import ImageReadError, read_image, read_mask
     from experiments.scoring import index_images
     from lightning_modules.components.features import PooledFeatures
-    from lightning_modules.metrics.realism import artifact_group, artifact_patches, kid, patches_at
+    from lightning_modules.metrics.realism import PATCH_SIZE, artifact_group, artifact_patches, kid, patches_at
 
     try:
         feature = PooledFeatures()
@@ -275,8 +275,8 @@ def realism_scores(clean: Path, masks: Path, restored: dict[str, Path], names: l
                     pred = to_tensor(read_image(restored_index[name]))[None]
                 except (ImageReadError, ValueError, KeyError):
                     continue  # already reported as skipped by the scoring pass
-                if pred.shape[-2:] != mask.shape[-2:]:
-                    continue
+                if pred.shape[-2:] != mask.shape[-2:] or min(pred.shape[-2:]) < PATCH_SIZE:
+                    continue  # mismatched (reported by scoring) or smaller than one KID patch
                 patches, index = artifact_patches(pred, mask)
                 fake.append(patches)
                 real.append(patches_at(to_tensor(target)[None], index, patches.shape[-1]))

@@ -11,10 +11,12 @@ import pytest
 
 from experiments import benchmark
 from experiments.benchmarking.methods import available_methods
+from lightning_modules.conditional_latent import CONDITIONAL_SAMPLER
 
 TINY = ["--config", "tiny", "--batch-sizes", "1", "--precision", "fp32", "--max-seconds", "0.02", "--warmup", "1",
         "--threads", "1", "--peak-size", "256", "--train-batch", "2"]
-EXPECTED_NFE = {"latent": 50, "artifusion": 2410, "cyclegan": 1}
+EXPECTED_NFE = {"latent": 50, "latent-conditional": CONDITIONAL_SAMPLER["num_steps"], "artifusion": 2410, "cyclegan": 1}
+LATENT_METHODS = ("latent", "latent-conditional")
 RESTORE_KEYS = {"method", "config", "precision", "batch_size", "seconds_per_tile", "nfe", "measured_or_extrapolated",
                 "flops_per_tile", "utilisation", "device"}
 
@@ -73,7 +75,7 @@ def test_flops_split_adds_up(run):
         assert r["flops_per_eval_per_tile"] > 0
         assert r["flops_fixed_per_tile"] == r["flops_vae_encode_per_tile"] + r["flops_vae_decode_per_tile"]
         assert r["flops_per_tile"] == r["flops_fixed_per_tile"] + r["nfe"] * r["flops_per_eval_per_tile"]
-        if method == "latent":
+        if method in LATENT_METHODS:
             assert r["flops_vae_encode_per_tile"] > 0 and r["flops_vae_decode_per_tile"] > 0
             assert r["vae_utilisation"] > 0 and r["vae_params"] > 0
         else:
@@ -89,7 +91,9 @@ def test_ratio_training_and_tables(run):
         assert ratio["ratio"] == pytest.approx(
             restore["artifusion"]["seconds_per_tile"] / restore["latent"]["seconds_per_tile"])
     training = [r for r in records if r["record"] == "training"]
-    assert sorted(r["latent_cache"] for r in training) == [False, True]
+    for method in LATENT_METHODS:
+        own = [r for r in training if r["method"] == method]
+        assert sorted(r["latent_cache"] for r in own) == [False, True], method
     assert all(r["images_per_second"] > 0 and r["flops_per_step"] > 0 and r["batch_size"] == 2 for r in training)
     for title in ("## Restore", "## Denoiser training throughput", "## Matmul peak", "| method | config |"):
         assert title in printed

@@ -21,7 +21,8 @@ def _fit(tmp_path, *args):
 
 
 def test_export_vae_then_latent_pipeline(tmp_path):
-    ckpt = _fit(tmp_path / "vae_run", "--config", f"{CONFIGS}/model/vae_cpu.yaml", "--model.init_args.vae", "tiny")
+    ckpt = _fit(tmp_path / "vae_run", "--config", f"{CONFIGS}/model/vae_cpu.yaml", "--model.init_args.vae", "tiny",
+                "--model.init_args.latent_channels", "4")
     vae_dir = export.export(export.parse_args(["vae", "--ckpt", ckpt, "--out", str(tmp_path / "vae"),
                                                "--image-size", "64", "--scale-tiles", "4"]))
     vae = load_autoencoder(vae_dir)

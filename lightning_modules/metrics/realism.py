@@ -19,6 +19,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+PATCH_SIZE = 64
+"""Side of the KID patches in pixels; smaller tiles are left out of the realism score."""
+
 ARTIFACT_GROUPS: dict[str, tuple[str, ...]] = {
     "semi-transparent": ("ink", "stain", "blur", "bubble"),
     # a fold hides the tissue under a second tissue layer, so it is grouped with the occluding artifacts
@@ -32,7 +35,7 @@ def artifact_group(types: Sequence[str]) -> str:
 
 
 def artifact_patches(
-    images: Tensor, masks: Tensor, *, size: int = 64, stride: int = 32, min_fraction: float = 0.25
+    images: Tensor, masks: Tensor, *, size: int = PATCH_SIZE, stride: int = 32, min_fraction: float = 0.25
 ) -> tuple[Tensor, Tensor]:
     """Square patches of ``images`` where the artifact covers at least ``min_fraction`` of the patch.
 
