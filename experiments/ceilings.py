@@ -7,6 +7,7 @@ For every triplet of an evaluation set (``clean/``, ``corrupted/``, ``masks/``) 
 - ``D(E(clean))``: what a perfect latent restorer would give with ``decode="full"`` (the paper's paste-back);
 - ``x + D(E(clean)) - D(E(x))``: the same with ``decode="delta"`` (decode the change, keep the input's texture);
 - ``exp(ln x + ln D(E(clean)) - ln D(E(x)))``: the same with ``decode="od-delta"``;
+- the transmission-weighted blend of the delta and the full decode: ``decode="adaptive"``;
 
 and reports artifact-region PSNR/SSIM (mean and 95 % bootstrap interval) next to the unrestored input. A latent
 method cannot beat the ceiling of its decode mode; the gap between a method and its ceiling is the denoiser's. Run it
@@ -27,7 +28,7 @@ from lightning_modules.components.regional_sampler import composite, decode_late
 from lightning_modules.metrics.functional import per_image_metrics
 from lightning_modules.metrics.statistics import bootstrap_ci
 
-MODES = ("full", "delta", "od-delta")
+MODES = ("full", "delta", "od-delta", "adaptive")
 
 
 @torch.no_grad()

@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--steps", type=int, help="default sampling steps stored in the pipeline (latent/artifusion: 50, "
                    "conditional: the measured default)")
-    p.add_argument("--decode", choices=("full", "delta", "od-delta"),
+    p.add_argument("--decode", choices=("full", "delta", "od-delta", "adaptive"),
                    help="how sampled latents become pixels (latent: full, conditional: the measured default)")
     p.add_argument("--feather", type=int, default=2, help="paste-back seam width in pixels (into the artifact)")
     p.add_argument("--scheduler", default="ddim", choices=("ddpm", "ddim", "dpmsolver++"))

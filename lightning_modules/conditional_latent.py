@@ -51,6 +51,9 @@ class ConditionalLatentDiffusionModule(LatentDiffusionModule):
         min_snr_gamma: The gamma of ``"min_snr"``.
         known_weight: Loss weight of latent cells outside the mask (cells inside weigh 1), in ``[0, 1]``.
         mask_dilate: Grow the latent mask by this many cells, in training and (through the export) at sampling.
+        target: What the diffusion generates: ``"clean"`` (the clean tile's latent) or ``"residual"`` (the change
+            ``(z_clean - z_corrupted) * mask``, 0 outside the mask; restoration adds it to the input's latent), so
+            that "no change" is the default an uncertain model falls back to.
 
     Raises:
         ValueError: For a ``known_weight`` outside ``[0, 1]`` or a negative ``mask_dilate``.
@@ -68,7 +71,10 @@ class ConditionalLatentDiffusionModule(LatentDiffusionModule):
         min_snr_gamma: float = 5.0,
         known_weight: float = 0.1,
         mask_dilate: int = 0,
+        target: Literal["clean", "residual"] = "clean",
     ) -> None:
+        if target not in ("clean", "residual"):
+            raise ValueError(f"target must be 'clean' or 'residual', got {target!r}")
         if not 0.0 <= known_weight <= 1.0:
             raise ValueError(f"known_weight must be in [0, 1], got {known_weight}")
         if isinstance(mask_dilate, bool) or not isinstance(mask_dilate, int) or mask_dilate < 0:
@@ -85,6 +91,7 @@ class ConditionalLatentDiffusionModule(LatentDiffusionModule):
         )
         self.known_weight = float(known_weight)
         self.mask_dilate = mask_dilate
+        self.residual = target == "residual"
 
     conditional = True
 
@@ -108,7 +115,7 @@ class ConditionalLatentDiffusionModule(LatentDiffusionModule):
 
         Returns:
             ``{"latent": (B, C, h, w), "latent_corrupted": (B, C, h, w), "latent_mask": (B, 1, h, w)}``, the mask
-            dilated by ``mask_dilate`` cells.
+            dilated by ``mask_dilate`` cells; with ``target="residual"`` ``latent`` is the masked change.
 
         Raises:
             ValueError: If the batch has neither set of keys, or pixels but no autoencoder.
@@ -129,7 +136,10 @@ class ConditionalLatentDiffusionModule(LatentDiffusionModule):
             )
         if self.mask_dilate:
             mask = dilate(mask, self.mask_dilate)
-        return {"latent": z, "latent_corrupted": z_corrupted, "latent_mask": mask.to(z.dtype)}
+        mask = mask.to(z.dtype)
+        if self.residual:
+            z = (z - z_corrupted) * mask
+        return {"latent": z, "latent_corrupted": z_corrupted, "latent_mask": mask}
 
     def network_input(self, z_t: Tensor, latents: dict[str, Tensor]) -> Tensor:
         """``[z_t, latent_mask, z_corrupted]``, ``(B, 2C + 1, h, w)`` (``components/conditioning.py``)."""

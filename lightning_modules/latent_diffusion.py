@@ -257,6 +257,7 @@ class LatentDiffusionModule(DiffusionEMAHooks, LightningModule):
     # --------------------------------------------------------------------------------------------------- export
 
     conditional = False
+    residual = False
 
     @property
     def sampler_defaults(self) -> dict[str, Any]:
@@ -296,7 +297,7 @@ class LatentDiffusionModule(DiffusionEMAHooks, LightningModule):
         sampler = replace(sampler or SamplerConfig(), **self.sampler_defaults)
         return save_pipeline(directory, unet=self.sampling_network, scheduler=self.noise_scheduler, sampler=sampler,
                              vae=codec.vae, image_size=image_size, scheduler_name=scheduler_name,
-                             conditional=self.conditional, extra=extra)
+                             conditional=self.conditional, residual=self.residual, extra=extra)
 
     # ----------------------------------------------------------------------------------------------- optimisers
 

@@ -14,7 +14,13 @@ from lightning_modules.components.autoencoders import LatentCodec, build_autoenc
 from lightning_modules.components.conditioning import condition_denoiser, conditional_channels, conditional_input
 from lightning_modules.components.denoisers import build_unet, predict
 from lightning_modules.components.pipeline import RestorationPipeline
-from lightning_modules.components.regional_sampler import RegionalSampler, SamplerConfig, decode_latents, restore
+from lightning_modules.components.regional_sampler import (
+    RegionalSampler,
+    SamplerConfig,
+    decode_latents,
+    restore,
+    transmission,
+)
 from lightning_modules.components.restorer import build_restorer
 from lightning_modules.components.schedulers import build_scheduler
 from lightning_modules.conditional_latent import ConditionalLatentDiffusionModule
@@ -105,13 +111,28 @@ def test_decode_modes_keep_the_input_where_nothing_changes():
     assert torch.equal(decode_latents(codec.decode, z0, z0, x, "full"), codec.decode(z0))
     torch.testing.assert_close(decode_latents(codec.decode, z0, z0, x, "delta"), x)
     torch.testing.assert_close(decode_latents(codec.decode, z0, z0, x, "od-delta"), x, atol=1e-4, rtol=0)
+    torch.testing.assert_close(decode_latents(codec.decode, z0, z0, x, "adaptive"), x)
     z = z0 + 0.5
     delta = decode_latents(codec.decode, z, z0, x, "delta")
     torch.testing.assert_close(delta, (x + codec.decode(z) - codec.decode(z0)).clamp(-1, 1))
     with pytest.raises(ValueError, match="decode mode"):
         decode_latents(codec.decode, z, z0, x, "median")
-    with pytest.raises(ValueError, match="decode"):
-        SamplerConfig(decode="median")
+
+
+def test_adaptive_decode_follows_the_estimated_transmission():
+    """With decode = identity the 'latents' are images: D(z) = restored tissue, D(z0) = what the input shows."""
+    identity = lambda t: t  # noqa: E731
+    restored = torch.zeros(1, 3, 32, 32)  # mid grey tissue
+    grain = 0.05 * torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    dark = torch.full((1, 3, 32, 32), -0.8)  # under an absorbing layer: about 20 % of the light gets through
+    assert transmission(dark, restored).max() == pytest.approx((0.2 * 127.5 + 1) / (127.5 + 1))
+    assert transmission(restored, restored).min() == pytest.approx(1.0)
+    opaque = decode_latents(identity, restored, dark, dark + grain, "adaptive")
+    torch.testing.assert_close(opaque, restored, msg="opaque layer: the full decode, none of its grain")
+    tinted = restored - 0.02  # a faint cast: transmission about 0.98
+    clear = decode_latents(identity, restored, tinted, tinted + grain, "adaptive")
+    torch.testing.assert_close(clear, decode_latents(identity, restored, tinted, tinted + grain, "delta"),
+                               msg="transparent layer: the delta, the input's texture kept")
 
 
 def _pairs(n: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -299,3 +320,32 @@ def test_sampler_defaults_reach_the_training_time_check(vae_dir):
     assert torch.equal(restored[keep], batch["corrupted"][keep])
     with pytest.raises(ValueError, match="decode"):
         RestorationEvalCallback(sampler={"decode": "nope"})
+
+
+def test_residual_target_trains_on_the_masked_change_and_a_no_change_model_returns_the_input(vae_dir):
+    module = _conditional(vae_dir, target="residual")
+    clean, corrupted, mask = _pairs(2)
+    latents = module.encode_latents({"clean": clean, "corrupted": corrupted, "artifact_mask": mask})
+    outside = latents["latent_mask"] == 0
+    assert torch.all(latents["latent"][outside.expand_as(latents["latent"])] == 0), "no change outside the mask"
+    assert latents["latent"].abs().sum() > 0
+    # a denoiser that always predicts "no change" (x0 = 0) in v-parameterisation: v = sqrt(a / (1 - a)) x_t
+    scheduler = build_scheduler("ddim", dict(module.noise_scheduler.config))
+    alphas = module.noise_scheduler.alphas_cumprod
+
+    def no_change(net_input, t):
+        a = alphas[t].view(-1, 1, 1, 1).to(net_input.dtype)
+        return (a / (1 - a)).sqrt() * net_input[:, :4]
+
+    codec = module.get_codec()
+    sampler = RegionalSampler(scheduler, SamplerConfig(num_steps=3, decode="delta"))
+    out = restore(lambda x: codec.encode(x, sample=False), codec.decode, sampler, no_change, corrupted, mask,
+                  factor=8, generator=torch.Generator().manual_seed(0), conditional=True, residual=True)
+    torch.testing.assert_close(out, corrupted, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="conditional"):
+        restore(lambda x: codec.encode(x, sample=False), codec.decode, sampler, no_change, corrupted, mask,
+                factor=8, residual=True)
+    path = module.export(vae_dir + "_residual_pipe", sampler=SamplerConfig(num_steps=2), image_size=64)
+    assert RestorationPipeline.from_pretrained(path).residual
+    with pytest.raises(ValueError, match="target"):
+        _conditional(target="noise")

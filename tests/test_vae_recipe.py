@@ -116,7 +116,7 @@ def test_ceilings_rank_the_oracles_above_a_corrupted_input(tmp_path, he_tiles):
         write_image_atomic(tmp_path / "set" / "corrupted" / f"t{i}.png", corrupted)
         write_mask_atomic(tmp_path / "set" / "masks" / f"t{i}.png", mask)
     values = ceilings.vae_ceilings(tmp_path / "vae", tmp_path / "set")
-    assert set(values) == {"input", "oracle-full", "oracle-delta", "oracle-od-delta"}
+    assert set(values) == {"input", "oracle-full", "oracle-delta", "oracle-od-delta", "oracle-adaptive"}
     assert len(values["input"]["psnr"]) == 3
     assert np.mean(values["oracle-full"]["psnr"]) > np.mean(values["input"]["psnr"])
     assert ceilings.main(["--vae", str(tmp_path / "vae"), "--data", str(tmp_path / "set"),

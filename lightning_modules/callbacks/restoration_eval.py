@@ -169,6 +169,7 @@ class RestorationEvalCallback(Callback):
             factor=codec.factor,
             generator=generator,
             conditional=getattr(pl_module, "conditional", False),
+            residual=getattr(pl_module, "residual", False),
         )
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -73,6 +73,7 @@ def save_pipeline(
     image_size: int = 256,
     scheduler_name: str = "ddpm",
     conditional: bool = False,
+    residual: bool = False,
     extra: dict | None = None,
 ) -> Path:
     """Write a pipeline folder (atomically: built in a temp folder, then renamed over ``path``).
@@ -86,6 +87,7 @@ def save_pipeline(
         image_size: Tile edge in pixels the pipeline was trained for.
         scheduler_name: Default sampling scheduler (``"ddpm"``, ``"ddim"``, ``"dpmsolver++"``).
         conditional: The denoiser is a mask-conditioned restorer (input ``[z_t, mask, z_corrupted]``).
+        residual: The conditional denoiser generates the latent change ``z - z_corrupted`` rather than ``z``.
         extra: Extra JSON-serialisable facts (training run, metrics) stored under ``"extra"``.
 
     Returns:
@@ -104,6 +106,7 @@ def save_pipeline(
         "format_version": FORMAT_VERSION,
         "kind": "latent" if vae is not None else "pixel",
         "conditional": bool(conditional),
+        "residual": bool(residual),
         "denoiser_class": class_path(unet),
         "image_size": image_size,
         "scheduler_name": scheduler_name,
@@ -136,6 +139,7 @@ class RestorationPipeline(torch.nn.Module):
         name: Method name used in reports.
         image_size: Tile edge in pixels the pipeline was trained for.
         conditional: The denoiser takes ``[z_t, latent_mask, z_corrupted]`` (``components/conditioning.py``).
+        residual: The conditional denoiser generates the latent change, not the clean latent.
     """
 
     def __init__(
@@ -150,6 +154,7 @@ class RestorationPipeline(torch.nn.Module):
         name: str = "latent",
         image_size: int = 256,
         conditional: bool = False,
+        residual: bool = False,
     ) -> None:
         super().__init__()
         if precision not in PRECISIONS:
@@ -163,6 +168,9 @@ class RestorationPipeline(torch.nn.Module):
         self.name = name
         self.image_size = image_size
         self.conditional = bool(conditional)
+        self.residual = bool(residual)
+        if self.residual and not self.conditional:
+            raise ValueError("a residual pipeline needs a conditional denoiser")
         self.nfe = 0
 
     @property
@@ -233,6 +241,7 @@ class RestorationPipeline(torch.nn.Module):
             name=name or ("pixel" if meta["kind"] != "latent" else "latent-conditional" if conditional else "latent"),
             image_size=meta.get("image_size", 256),
             conditional=conditional,
+            residual=bool(meta.get("residual", False)),
         )
         return pipe.to(device)
 
@@ -247,6 +256,7 @@ class RestorationPipeline(torch.nn.Module):
             image_size=self.image_size,
             scheduler_name=self.scheduler_name,
             conditional=self.conditional,
+            residual=self.residual,
         )
 
     def _autocast(self, device: torch.device):
@@ -310,6 +320,7 @@ class RestorationPipeline(torch.nn.Module):
                 factor=self.factor,
                 generator=generator,
                 conditional=self.conditional,
+                residual=self.residual,
             )
         self.nfe = sampler.nfe
         return out.float()

@@ -56,7 +56,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "known": ("renoise", "clean"),
     "start": ("noise", "z0"),
     "timestep_spacing": (None, "leading", "trailing", "linspace"),
-    "decode": ("full", "delta", "od-delta"),
+    "decode": ("full", "delta", "od-delta", "adaptive"),
 }
 # Schedulers whose ``step`` is stateless, so RePaint's jumps may revisit timesteps.
 _JUMP_SAFE = (DDPMScheduler, DDIMScheduler)
@@ -86,8 +86,9 @@ class SamplerConfig:
         steps_offset: override the scheduler's ``steps_offset`` (None = keep it).
         decode: how the sampled latent becomes the pixels pasted into the mask (see :func:`decode_latents`):
             ``"full"`` (the decoded restoration), ``"delta"`` (the corrupted tile plus the decoded change,
-            ``x + D(z) - D(z0)``) or ``"od-delta"`` (the same change added in optical density, i.e. multiplied in
-            transmitted light: Beer-Lambert, the physics of stains and inks).
+            ``x + D(z) - D(z0)``), ``"od-delta"`` (the same change added in optical density, i.e. multiplied in
+            transmitted light: Beer-Lambert, the physics of stains and inks) or ``"adaptive"`` (``"delta"`` where
+            the artifact lets light through, ``"full"`` where it absorbs it).
     """
 
     preset: Literal["repaint", "reference"] = "repaint"
@@ -105,7 +106,7 @@ class SamplerConfig:
     eta: float = 0.0
     timestep_spacing: Literal["leading", "trailing", "linspace"] | None = "trailing"
     steps_offset: int | None = None
-    decode: Literal["full", "delta", "od-delta"] = "full"
+    decode: Literal["full", "delta", "od-delta", "adaptive"] = "full"
 
     def __post_init__(self) -> None:
         for key, choices in _CHOICES.items():
@@ -453,6 +454,35 @@ def _from_optical_density(od: Tensor) -> Tensor:
     return ((256 * torch.exp(-od) - 1) / 127.5 - 1).clamp(-1, 1)
 
 
+ADAPTIVE_TRANSMISSION = (0.4, 0.7)
+"""Transmission below which ``decode="adaptive"`` takes the full decode, and above which it takes the delta."""
+ADAPTIVE_SIGMA = 2.0
+"""Gaussian smoothing (px) of the transmission estimate: a property of the artifact layer, not of single pixels."""
+
+
+def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:
+    """Separable Gaussian blur of ``(B, C, H, W)`` with reflect padding."""
+    radius = max(1, int(3 * sigma))
+    kernel = torch.exp(-torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device) ** 2 / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    c = x.shape[1]
+    x = torch.nn.functional.pad(x, (radius,) * 4, mode="reflect")
+    x = torch.nn.functional.conv2d(x, kernel.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return torch.nn.functional.conv2d(x, kernel.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+def transmission(reconstructed: Tensor, restored: Tensor, sigma: float = ADAPTIVE_SIGMA) -> Tensor:
+    """Estimated share of light the artifact lets through, per pixel: ``(B, 1, H, W)``.
+
+    Beer-Lambert: under an absorbing layer the observed intensity is the tissue's times the layer's transmission, so
+    ``D(z0) / D(z)`` (the decoded input over the decoded restoration, on the 0-255 scale plus one) estimates it in
+    each channel; the smallest channel ratio, Gaussian-smoothed, is the layer's. Values above 1 (a bubble brightens)
+    mean nothing is absorbed.
+    """
+    ratio = ((reconstructed.float() + 1) * 127.5 + 1) / ((restored.float() + 1) * 127.5 + 1)
+    return _gaussian_blur(ratio.amin(dim=1, keepdim=True), sigma)
+
+
 def decode_latents(
     decode: Callable[[Tensor], Tensor], z: Tensor, z0: Tensor, corrupted_px: Tensor, mode: str = "full"
 ) -> Tensor:
@@ -461,16 +491,19 @@ def decode_latents(
     ``"full"`` decodes ``z``: every masked pixel is the autoencoder's rendering, so its reconstruction error caps the
     result. ``"delta"`` and ``"od-delta"`` decode the *change* instead: ``x + D(z) - D(z0)`` (in intensity) or
     ``exp(ln x + ln D(z) - ln D(z0))`` (additive in optical density, i.e. a multiplicative correction, the way
-    absorbing stains and inks combine by the Beer-Lambert law). Where the change is smooth (a colour cast, an ink
-    layer, a bubble's shading) the input's fine texture survives instead of being redrawn by the decoder, and the
-    decoder's error on ``x`` largely cancels between ``D(z)`` and ``D(z0)`` (docs/METHOD.md section 9).
+    absorbing stains and inks combine by the Beer-Lambert law). Where the change is smooth (a colour cast, a blur,
+    a bubble's shading) the input's fine texture survives instead of being redrawn by the decoder, and the decoder's
+    error on ``x`` largely cancels between ``D(z)`` and ``D(z0)`` (docs/METHOD.md section 9). Under an absorbing
+    layer (marker ink, a thread) the input's residual ``x - D(z0)`` is the layer's own grain and only a fraction of
+    the tissue's texture, so ``"adaptive"`` blends ``w * delta + (1 - w) * full`` with ``w`` rising linearly from 0
+    to 1 as the estimated :func:`transmission` rises from 0.4 to 0.7 (:data:`ADAPTIVE_TRANSMISSION`).
 
     Args:
         decode: ``z -> (B, 3, H, W)`` images in ``[-1, 1]``.
         z: Restored latents ``(B, C, h, w)``.
         z0: Latents of the corrupted input ``(B, C, h, w)`` (only decoded for the delta modes; one batched call).
         corrupted_px: The corrupted input ``(B, 3, H, W)`` in ``[-1, 1]``.
-        mode: ``"full"``, ``"delta"`` or ``"od-delta"``.
+        mode: ``"full"``, ``"delta"``, ``"od-delta"`` or ``"adaptive"``.
 
     Returns:
         ``(B, 3, H, W)``: in ``[-1, 1]`` for the delta modes; ``"full"`` returns the decoder's output unclamped.
@@ -480,13 +513,18 @@ def decode_latents(
     """
     if mode == "full":
         return decode(z).to(corrupted_px.dtype)
-    if mode not in ("delta", "od-delta"):
+    if mode not in _CHOICES["decode"]:
         raise ValueError(f"unknown decode mode {mode!r}; expected one of {_CHOICES['decode']}")
     restored, reconstructed = decode(torch.cat([z, z0])).to(corrupted_px.dtype).chunk(2)
+    if mode == "od-delta":
+        od = _optical_density(corrupted_px) + _optical_density(restored) - _optical_density(reconstructed)
+        return _from_optical_density(od).to(corrupted_px.dtype)
+    delta = (corrupted_px + restored - reconstructed).clamp(-1, 1)
     if mode == "delta":
-        return (corrupted_px + restored - reconstructed).clamp(-1, 1)
-    od = _optical_density(corrupted_px) + _optical_density(restored) - _optical_density(reconstructed)
-    return _from_optical_density(od).to(corrupted_px.dtype)
+        return delta
+    low, high = ADAPTIVE_TRANSMISSION
+    weight = ((transmission(reconstructed, restored) - low) / (high - low)).clamp(0, 1).to(corrupted_px.dtype)
+    return weight * delta + (1 - weight) * restored.clamp(-1, 1)
 
 
 def restore(
@@ -500,6 +538,7 @@ def restore(
     factor: int,
     generator: torch.Generator | None = None,
     conditional: bool = False,
+    residual: bool = False,
 ) -> Tensor:
     """Full regional restoration: encode -> latent mask -> sample -> decode -> colour match -> paste-back.
 
@@ -516,6 +555,8 @@ def restore(
         factor: the autoencoder's downsampling factor (8 for kl-f8; 1 in pixel space).
         generator: seeds the sampler.
         conditional: the denoiser is a mask-conditioned restorer that also takes the corrupted latent and the mask.
+        residual: the denoiser generates the change ``z - z0`` (0 outside the mask) rather than ``z`` itself; the
+            sampler then holds the known region at 0 and the result is ``z0 + change``.
 
     Returns:
         ``(B, 3, H, W)`` float in ``[-1, 1]``. The decoded image is clamped before the paste-back, so with
@@ -531,9 +572,14 @@ def restore(
     cfg = sampler.config
     z0 = encode(corrupted_px)
     latent_mask = to_latent_mask(artifact_mask_px, factor, cfg.mask_mode, cfg.mask_dilate).to(z0.dtype)
+    if residual and not conditional:
+        raise ValueError("residual sampling needs a conditional denoiser (it only sees the change, not the input)")
     if conditional:
         denoiser = condition_denoiser(denoiser, latent_mask, z0)
-    z = sampler.sample(denoiser, z0, latent_mask, generator=generator)
+    if residual:
+        z = z0 + sampler.sample(denoiser, torch.zeros_like(z0), latent_mask, generator=generator)
+    else:
+        z = sampler.sample(denoiser, z0, latent_mask, generator=generator)
     restored = decode_latents(decode, z, z0, corrupted_px, cfg.decode)
     if cfg.color_match:
         restored = match_color(restored, corrupted_px, 1 - artifact_mask_px)
@@ -548,6 +594,7 @@ __all__ = [
     "SamplerConfig",
     "composite",
     "decode_latents",
+    "transmission",
     "match_color",
     "resample_schedule",
     "restore",
