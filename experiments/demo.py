@@ -14,8 +14,8 @@ images no model trains on), one artifact per tile and the types in turn, their `
 summary.json, report.md, grid.png) and ``report.md``. Training goes through the same LightningCLI entry point users
 run (``experiments.train``), with the configs under ``experiments/configs``; the demo only shortens the schedules.
 
-A stage whose output exists and whose settings are unchanged is skipped, so a second run (or a run after an
-interruption) resumes; ``--force`` redoes everything.
+A stage whose output exists and whose settings and training configs (experiments/configs) are unchanged is skipped, so a
+second run (or a run after an interruption) resumes; ``--force`` redoes everything.
 """
 
 import argparse
@@ -51,7 +51,7 @@ class DemoSettings:
     test_count: int = 56
     unseen_count: int = 28
     sample_steps: int = 50
-    conditional_sample_steps: int = 4
+    conditional_sample_steps: int = 1
     feather: int = 2
     methods: str = "identity,telea,ns,latent-reference,latent,latent-conditional"
     baselines: bool = True
@@ -67,7 +67,7 @@ class DemoSettings:
         """A few-minute run of every stage."""
         return cls(vae_steps=40, vae_batch=4, latent_steps=40, latent_batch=8, cache_variants=1, conditional_steps=40,
                    conditional_batch=8, conditional_variants=1, test_count=7, unseen_count=7, sample_steps=4,
-                   conditional_sample_steps=2, artifusion_steps=10, artifusion_sample_steps=4, cyclegan_epochs=1,
+                   conditional_sample_steps=1, artifusion_steps=10, artifusion_sample_steps=4, cyclegan_epochs=1,
                    cyclegan_batches=5)
 
     def digest(self, *keys: str) -> str:
@@ -90,6 +90,14 @@ def fit(args: list[str]):
         return cli_main(["fit", *args])
     finally:
         wandb.finish()
+
+
+def configs_fingerprint(root: Path = CONFIGS) -> str:
+    """Hash of every training config the demo composes, so that an edited config reruns the stages, never reuses."""
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.yaml")):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def stage_done(out: Path, name: str, digest: str) -> float | None:
@@ -178,6 +186,7 @@ def conditional_args(out: Path, s: DemoSettings) -> list[str]:
         f"--data.init_args.cache_dir={out / 'restoration_cache'}",
         f"--data.init_args.variants={s.conditional_variants}", f"--data.init_args.batch_size={s.conditional_batch}",
         f"--trainer.max_steps={s.conditional_steps}", "--trainer.max_epochs=-1", *_run_args(out, "conditional"),
+        f"--model.init_args.lr_scheduler.init_args.total_steps={s.conditional_steps}",
     ]
 
 
@@ -310,8 +319,10 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 
+    configs = configs_fingerprint()
+
     def stage(name: str, keys: tuple[str, ...], fn) -> None:
-        digest = s.digest(*keys)
+        digest = f"{s.digest(*keys)}-{configs}" if keys else s.digest()
         earlier = None if args.force else stage_done(out, name, digest)
         if earlier is not None:
             print(f"[demo] {name}: done before with the same settings ({earlier:.0f} s), skipping")

@@ -31,7 +31,7 @@ from lightning_modules.components.masks import dilate, to_latent_mask
 from lightning_modules.latent_diffusion import LatentDiffusionModule
 
 CONDITIONAL_SCHEDULER: dict[str, Any] = {"prediction_type": "v_prediction"}
-CONDITIONAL_SAMPLER: dict[str, Any] = {"num_steps": 4, "decode": "delta"}
+CONDITIONAL_SAMPLER: dict[str, Any] = {"num_steps": 1, "decode": "adaptive"}
 """Sampler defaults of an exported conditional pipeline, chosen from the measurements in docs/METHOD.md section 9."""
 
 
@@ -53,7 +53,8 @@ class ConditionalLatentDiffusionModule(LatentDiffusionModule):
         mask_dilate: Grow the latent mask by this many cells, in training and (through the export) at sampling.
         target: What the diffusion generates: ``"clean"`` (the clean tile's latent) or ``"residual"`` (the change
             ``(z_clean - z_corrupted) * mask``, 0 outside the mask; restoration adds it to the input's latent), so
-            that "no change" is the default an uncertain model falls back to.
+            that "no change" is the default an uncertain model falls back to (the default: it turned stain from a
+            loss into a gain against the unrestored input, docs/METHOD.md section 9).
 
     Raises:
         ValueError: For a ``known_weight`` outside ``[0, 1]`` or a negative ``mask_dilate``.
@@ -71,7 +72,7 @@ class ConditionalLatentDiffusionModule(LatentDiffusionModule):
         min_snr_gamma: float = 5.0,
         known_weight: float = 0.1,
         mask_dilate: int = 0,
-        target: Literal["clean", "residual"] = "clean",
+        target: Literal["clean", "residual"] = "residual",
     ) -> None:
         if target not in ("clean", "residual"):
             raise ValueError(f"target must be 'clean' or 'residual', got {target!r}")

@@ -182,7 +182,7 @@ def test_conditioning_is_used_a_conditional_model_beats_an_unconditional_one_of_
     z_clean = torch.where(mask.bool(), inside, outside)
     z_corrupted = torch.where(mask.bool(), z_clean + 1.5, z_clean)
     batch = {"latent": z_clean, "latent_corrupted": z_corrupted, "latent_mask": mask.expand(4, -1, -1, -1)}
-    conditional = _conditional(ema_decay=None, known_weight=1.0)
+    conditional = _conditional(ema_decay=None, known_weight=1.0, target="clean")  # sampled directly below
     torch.manual_seed(0)
     unconditional = LatentDiffusionModule(build_unet("tiny", sample_size=8, in_channels=4), ema_decay=None,
                                           scheduler={"prediction_type": "v_prediction"})
@@ -267,7 +267,7 @@ def exported(vae_dir, tmp_path_factory):
 def test_export_round_trip_restores_like_the_module(exported):
     module, path = exported
     pipe = RestorationPipeline.from_pretrained(path)
-    assert pipe.conditional and pipe.name == "latent-conditional"
+    assert pipe.conditional and pipe.residual and pipe.name == "latent-conditional"
     assert pipe.sampler_config.decode == "delta" and pipe.sampler_config.mask_dilate == 1
     _, corrupted, mask = _pairs(2)
     out = pipe.restore(corrupted, mask, generator=torch.Generator().manual_seed(0))
@@ -275,7 +275,8 @@ def test_export_round_trip_restores_like_the_module(exported):
     sampler = RegionalSampler(build_scheduler("ddim", dict(module.noise_scheduler.config)), pipe.sampler_config)
     generator = torch.Generator().manual_seed(0)
     expected = restore(lambda x: codec.encode(x, generator=generator), codec.decode, sampler,
-                       module.sampling_denoiser(), corrupted, mask, factor=8, generator=generator, conditional=True)
+                       module.sampling_denoiser(), corrupted, mask, factor=8, generator=generator, conditional=True,
+                       residual=module.residual)
     torch.testing.assert_close(out, expected)
     assert build_restorer("latent", model=path).conditional
     assert build_restorer("latent-conditional", model=path).name == "latent-conditional"

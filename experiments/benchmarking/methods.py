@@ -326,8 +326,8 @@ class LatentBench(_DiffusionBench):
 class ConditionalBench(_DiffusionBench):
     """latent-conditional: as :class:`LatentBench` with the ``2C + 1``-channel input.
 
-    The sampler defaults are the conditional's (``CONDITIONAL_SAMPLER``: few steps, decode the change, which costs
-    one more VAE decode).
+    The sampler defaults are the conditional's (``CONDITIONAL_SAMPLER``: one step, adaptive decode, which costs
+    one more VAE decode for the corrupted tile's reconstruction).
     """
 
     name = "latent-conditional"
