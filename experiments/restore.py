@@ -3,6 +3,8 @@
 Example:
     python -m experiments.restore --model outputs/demo/pipeline --images tiles/ --masks masks/ --out restored/
     python -m experiments.restore --model DIR --images tiles/ --masks authors_masks/ --mask-convention keep ...
+    python -m experiments.restore --model DIR --images tiles/ --masks auto \
+        --mask-model outputs/demo/artifact_segmenter --out restored/
 
 Images and masks pair by relative path without the suffix (``tiles/a/t.png`` with ``masks/a/t.jpg``) and outputs keep
 that layout (``restored/a/t.png``); two files that would pair with one mask or write one output are refused. Masks are
@@ -12,8 +14,14 @@ pipeline needs sides that are multiples of the VAE factor times the UNet's total
 reflect-padded, restored and cropped back (clean pixels stay bit-exact), images larger than the pipeline's tile size
 are restored tile-wise, and tiles too small to pad are skipped with the reason.
 
+``--masks auto --mask-model DIR`` needs no masks: an exported artifact segmenter (``python -m experiments.export
+segmenter``; the demo writes ``outputs/demo/artifact_segmenter``) predicts each whole image's mask (probability above
+``--mask-threshold``, default the segmenter's), which is written next to its output as ``OUT/<relpath>.mask.png``
+(255 = artifact, the pixels the method may change) and used for the restoration.
+
 Outputs are PNGs written atomically. ``OUT/restore_manifest.json`` records the method, the model's fingerprint, the
-sampler overrides, seed, batch size, mask convention, precision and code version: a rerun with the same settings
+sampler overrides, seed, batch size, mask convention (with ``--masks auto``: the segmenter's fingerprint and
+threshold), precision and code version: a rerun with the same settings
 resumes (zero-byte or undecodable outputs are redone), other settings are refused unless you pass ``--force`` (redo
 every file) or a new ``--out``. A bad image or mask is skipped and the run goes on; the summary counts restored,
 resumed and skipped files, with the reasons (also in ``OUT/skipped.tsv``). Exit status: 0 when files were restored or
@@ -45,7 +53,14 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from datamodules.datasets import to_mask_tensor, to_tensor, to_uint8
-from datamodules.imageio import ImageReadError, list_images, read_image, read_mask, write_image_atomic
+from datamodules.imageio import (
+    ImageReadError,
+    list_images,
+    read_image,
+    read_mask,
+    write_image_atomic,
+    write_mask_atomic,
+)
 from experiments.cli_errors import (
     CLIError,
     check_device,
@@ -58,6 +73,7 @@ from experiments.cli_errors import (
 )
 from experiments.scoring import index_images
 from lightning_modules.components.restorer import RESTORERS, available_restorers, build_restorer
+from lightning_modules.components.segmenters import load_segmenter, read_segmenter_meta, segment_images
 
 log = logging.getLogger("experiments.restore")
 
@@ -73,7 +89,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--method", default="latent", help=f"restoration method: {', '.join(available_restorers())}")
     p.add_argument("--images", type=Path, required=True, help="folder of corrupted tiles (recursive)")
     p.add_argument("--masks", type=Path, required=True,
-                   help="folder of masks with the same relative paths (suffixes may differ)")
+                   help="folder of masks with the same relative paths (suffixes may differ), or 'auto' to predict "
+                        "them with --mask-model (a folder named auto: pass ./auto)")
+    p.add_argument("--mask-model", type=Path, help="exported artifact segmenter folder for --masks auto")
+    p.add_argument("--mask-threshold", type=float,
+                   help="--masks auto: artifact probability threshold in (0, 1) (default: the segmenter's)")
     p.add_argument("--out", type=Path, required=True, help="output folder (PNGs with the images' relative paths)")
     p.add_argument("--steps", type=int, help="sampling steps, >= 1 (default: the pipeline's)")
     p.add_argument("--preset", choices=("repaint", "reference"), help="sampler preset (default: the pipeline's)")
@@ -97,6 +117,33 @@ def uses_model(method: str) -> bool:
     return "model" in inspect.signature(RESTORERS[method]).parameters
 
 
+def auto_masks(args: argparse.Namespace) -> bool:
+    """Whether ``--masks auto``: masks are predicted by ``--mask-model`` (``./auto`` is a folder named auto)."""
+    return str(args.masks) == "auto"
+
+
+def check_mask_model(args: argparse.Namespace) -> None:
+    """``--masks auto`` needs ``--mask-model DIR`` holding an exported segmenter, and only it takes one."""
+    mask_model, threshold = getattr(args, "mask_model", None), getattr(args, "mask_threshold", None)
+    if not auto_masks(args):
+        if mask_model is not None or threshold is not None:
+            raise CLIError("--mask-model and --mask-threshold are for --masks auto (predicted masks); drop them, or "
+                           "pass --masks auto instead of a mask folder")
+        return
+    if mask_model is None:
+        raise CLIError("--masks auto needs --mask-model DIR (an artifact segmenter from python -m experiments.export "
+                       "segmenter, e.g. outputs/demo/artifact_segmenter), or pass a folder of masks")
+    if not mask_model.is_dir():
+        raise CLIError(f"--mask-model {mask_model} is not a folder; pass one written by python -m experiments.export "
+                       "segmenter")
+    try:
+        read_segmenter_meta(mask_model)
+    except (OSError, ValueError) as err:
+        raise CLIError(f"--mask-model {mask_model}: {one_line(err)}") from None
+    if threshold is not None and not 0 < threshold < 1:
+        raise CLIError(f"--mask-threshold must be in (0, 1), got {threshold}")
+
+
 def validate_args(args: argparse.Namespace) -> None:
     """Check every value before a model is loaded; raises CLIError naming the flag and what to pass."""
     methods = available_restorers()
@@ -107,26 +154,28 @@ def validate_args(args: argparse.Namespace) -> None:
     check_range("--batch-size", args.batch_size, low=1)
     check_device(args.device)
     check_input_folder(args.images, "--images")
-    check_input_folder(args.masks, "--masks")
+    check_mask_model(args)
+    if not auto_masks(args):
+        check_input_folder(args.masks, "--masks")
     if uses_model(args.method):
         if args.model is None:
             raise CLIError(f"--method {args.method} needs --model DIR (a folder from python -m experiments.export)")
         if not args.model.is_dir():
             raise CLIError(f"--model {args.model} is not a folder; pass one written by python -m experiments.export")
     out = args.out.resolve()
-    for flag, folder in (("--images", args.images), ("--masks", args.masks)):
-        if out == folder.resolve():
+    for flag, folder in (("--images", args.images), ("--masks", None if auto_masks(args) else args.masks)):
+        if folder is not None and out == folder.resolve():
             raise CLIError(f"--out {args.out} is the {flag} folder: outputs would replace inputs; pass another folder")
 
 
 def pair_files(
-    images: Path, masks: Path, *, exclude: Path | None = None
-) -> tuple[list[tuple[str, Path, Path]], list[tuple[str, str]]]:
+    images: Path, masks: Path | None, *, exclude: Path | None = None
+) -> tuple[list[tuple[str, Path, Path | None]], list[tuple[str, str]]]:
     """Pair images with masks by relative path without the suffix.
 
     Args:
         images: Folder of images (recursive).
-        masks: Folder of masks (recursive).
+        masks: Folder of masks (recursive); ``None`` for predicted masks: every image, with mask ``None``.
         exclude: A folder whose files are ignored (the output folder when it lies inside ``images``).
 
     Returns:
@@ -137,7 +186,10 @@ def pair_files(
         CLIError: Two files of one folder share a name (``t.png`` and ``t.jpg``); the message lists them.
     """
     try:
-        image_index, mask_index = index_images(images, exclude=exclude), index_images(masks, exclude=exclude)
+        image_index = index_images(images, exclude=exclude)
+        if masks is None:
+            return [(key, image_index[key], None) for key in sorted(image_index)], []
+        mask_index = index_images(masks, exclude=exclude)
     except ValueError as err:
         raise CLIError(str(err)) from None
     by_stem: dict[str, list[str]] = {}
@@ -156,10 +208,36 @@ def pair_files(
     return pairs, skipped
 
 
-def load_pair(img_path: Path, mask_path: Path, convention: str) -> tuple[np.ndarray, np.ndarray]:
-    """Read one image (uint8 RGB) and its mask (bool, True = artifact); raises ImageReadError naming the file."""
+def load_pair(img_path: Path, mask_path: Path | None, convention: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Read one image (uint8 RGB) and its mask (bool, True = artifact); raises ImageReadError naming the file.
+
+    Without a mask file (``--masks auto``: the mask is predicted later) the mask is ``None``.
+    """
     img = read_image(img_path)
-    return img, read_mask(mask_path, convention=convention, shape=img.shape[:2])
+    return img, None if mask_path is None else read_mask(mask_path, convention=convention, shape=img.shape[:2])
+
+
+def mask_output_path(out: Path, key: str) -> Path:
+    """Where ``--masks auto`` writes the predicted mask of the image ``key``: ``OUT/<key>.mask.png``."""
+    return out / f"{key}.mask.png"
+
+
+def check_mask_names(pairs: list[tuple[str, Path, Path | None]]) -> None:
+    """Refuse an image whose output would be another image's predicted mask (``t.mask.png`` next to ``t.png``)."""
+    keys = {key for key, *_ in pairs}
+    clash = sorted(key for key in keys if key.endswith(".mask") and key[: -len(".mask")] in keys)
+    if clash:
+        raise CLIError(f"with --masks auto, {clash[0]}.png would overwrite the predicted mask of "
+                       f"{clash[0][: -len('.mask')]}; rename it (or restore it with a mask folder)")
+
+
+def load_mask_model(args: argparse.Namespace):
+    """The ``--mask-model`` segmenter on ``--device`` and its threshold; CLIError when it cannot be loaded."""
+    try:
+        net = load_segmenter(args.mask_model, device=args.device)
+    except (OSError, ValueError, RuntimeError, KeyError) as err:
+        raise CLIError(f"--mask-model {args.mask_model}: {one_line(err)[:300]}") from None
+    return net, (net.config.threshold if args.mask_threshold is None else args.mask_threshold)
 
 
 def tile_geometry(restorer) -> tuple[int, int | None]:
@@ -268,7 +346,16 @@ def model_fingerprint(folder: Path) -> str:
 
 
 def run_settings(args: argparse.Namespace) -> dict:
-    """What makes the outputs what they are: a rerun into the same ``--out`` must match all of it to resume."""
+    """What makes the outputs what they are: a rerun into the same ``--out`` must match all of it to resume.
+
+    With ``--masks auto`` the segmenter's fingerprint and threshold are part of it (both ``None`` with mask files,
+    so manifests written before ``--masks auto`` existed still match).
+    """
+    auto = auto_masks(args)
+    threshold = None
+    if auto:
+        threshold = args.mask_threshold
+        threshold = float(read_segmenter_meta(args.mask_model)["threshold"]) if threshold is None else threshold
     return {
         "format": MANIFEST_FORMAT,
         "method": args.method,
@@ -278,6 +365,8 @@ def run_settings(args: argparse.Namespace) -> dict:
         "seed": args.seed,
         "batch_size": args.batch_size,
         "mask_convention": args.mask_convention,
+        "mask_model_fingerprint": model_fingerprint(args.mask_model) if auto else None,
+        "mask_threshold": threshold,
         "precision": args.precision,
         "code_version": code_version(),
     }
@@ -359,7 +448,12 @@ def restore_folder(args: argparse.Namespace) -> dict:
     """
     debug = getattr(args, "debug", False) or debug_requested([])
     validate_args(args)
-    pairs, skipped = pair_files(args.images, args.masks, exclude=args.out)
+    auto = auto_masks(args)
+    pairs, skipped = pair_files(args.images, None if auto else args.masks, exclude=args.out)
+    if auto:
+        check_mask_names(pairs)
+    if not pairs and auto:
+        raise CLIError(f"nothing to restore: {args.images} holds no images", code=1)
     if not pairs:
         why = f"; e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else f" ({args.images} holds no images)"
         raise CLIError(f"nothing to restore: no image in {args.images} has a mask with the same relative path in "
@@ -368,6 +462,7 @@ def restore_folder(args: argparse.Namespace) -> dict:
     settings = run_settings(args)
     timing = check_manifest(args.out, settings, args.force)
     restorer = build_restorer(args.method, model=args.model, device=args.device, precision=args.precision)
+    segmenter = load_mask_model(args) if auto else None
     overrides = {"num_steps": args.steps, "strength": args.strength, "preset": args.preset, "scheduler": args.scheduler}
     kwargs = {k: v for k, v in overrides.items() if v is not None} if hasattr(restorer, "make_sampler") else {}
     nfe = getattr(restorer, "nfe", 0)
@@ -378,7 +473,8 @@ def restore_folder(args: argparse.Namespace) -> dict:
             raise CLIError(f"sampler settings rejected: {one_line(err)}") from None
     unit, tile = tile_geometry(restorer)
     timing = {"seconds": float(timing.get("seconds", 0.0)), "tiles": int(timing.get("tiles", 0))}
-    manifest = {**settings, "model": str(args.model) if settings["model_fingerprint"] else None, "timing": timing}
+    manifest = {**settings, "model": str(args.model) if settings["model_fingerprint"] else None,
+                "mask_model": str(args.mask_model) if auto else None, "timing": timing}
     _write_json(args.out / MANIFEST, manifest)
 
     stats = {"done": 0, "resumed": 0, "computed": 0, "padded": 0, "windowed": 0}
@@ -387,9 +483,10 @@ def restore_folder(args: argparse.Namespace) -> dict:
     try:
         for c in range(0, len(pairs), args.batch_size):
             chunk = pairs[c : c + args.batch_size]
-            need = [args.force or not output_ok(args.out / f"{key}.png", img) for key, img, _ in chunk]
+            need = [args.force or not output_ok(args.out / f"{key}.png", img)
+                    or (auto and not output_ok(mask_output_path(args.out, key), img)) for key, img, _ in chunk]
             if any(need):
-                _restore_chunk(restorer, chunk, need, args, unit, tile, kwargs, stats, skipped, debug)
+                _restore_chunk(restorer, chunk, need, args, unit, tile, kwargs, stats, skipped, debug, segmenter)
             else:
                 stats["resumed"] += len(chunk)
             bar.update(len(chunk))
@@ -407,8 +504,44 @@ def restore_folder(args: argparse.Namespace) -> dict:
             "seconds": elapsed, "nfe": nfe, "timing": timing}
 
 
-def _restore_chunk(restorer, chunk, need, args, unit, tile, kwargs, stats, skipped, debug) -> None:
-    """Read one fixed group of pairs, restore its windows in batches and write the missing outputs."""
+def _predict_masks(segmenter, loaded: list, args: argparse.Namespace, skipped: list, stats: dict, debug: bool) -> list:
+    """``--masks auto``: predict the masks of one group's images and write the needed ones to OUT/<key>.mask.png.
+
+    Every loaded image of the group is predicted (not only the needed ones), so that a resumed run restores exactly
+    what an uninterrupted one did. Returns ``loaded`` with the predicted masks in place of ``None``.
+    """
+    net, threshold = segmenter
+    try:
+        probs = segment_images(net, [rgb for _, _, rgb, *_ in loaded], batch_size=args.batch_size)
+    except Exception as err:  # like a failing restoration: costs this group only
+        if debug:
+            raise
+        for _, img_path, *_, needed in loaded:
+            if needed:
+                skipped.append((str(img_path), f"mask prediction failed ({type(err).__name__}: "
+                                               f"{one_line(err)[:200]})"))
+            else:
+                stats["resumed"] += 1
+        return []
+    out = []
+    for (key, img_path, rgb, _, windows, needed), prob in zip(loaded, probs, strict=True):
+        mask = prob > threshold
+        if needed:
+            path = mask_output_path(args.out, key)
+            try:
+                write_mask_atomic(path, mask)
+            except OSError as err:
+                raise CLIError(f"cannot write {path} ({err.strerror or one_line(err)}); free space or choose another "
+                               "--out, then rerun to resume", code=1) from None
+        out.append((key, img_path, rgb, mask, windows, needed))
+    return out
+
+
+def _restore_chunk(restorer, chunk, need, args, unit, tile, kwargs, stats, skipped, debug, segmenter=None) -> None:
+    """Read one fixed group of pairs, restore its windows in batches and write the missing outputs.
+
+    ``segmenter`` (``--masks auto``): ``(network, threshold)`` that predicts the group's masks after reading.
+    """
     loaded = []
     for (key, img_path, mask_path), needed in zip(chunk, need, strict=True):
         try:
@@ -416,7 +549,7 @@ def _restore_chunk(restorer, chunk, need, args, unit, tile, kwargs, stats, skipp
             windows = plan_windows(*rgb.shape[:2], unit, tile)
         except ImageReadError as err:
             if needed:
-                skipped.append(_reason(err, img_path, mask_path))
+                skipped.append(_reason(err, img_path, *([mask_path] if mask_path is not None else [])))
             else:  # unreadable now, but its output from an earlier run is there
                 stats["resumed"] += 1
             continue
@@ -424,6 +557,8 @@ def _restore_chunk(restorer, chunk, need, args, unit, tile, kwargs, stats, skipp
     if not any(needed for *_, needed in loaded):
         stats["resumed"] += len(loaded)
         return
+    if segmenter is not None:
+        loaded = _predict_masks(segmenter, loaded, args, skipped, stats, debug)
     groups: dict[tuple[int, int], list[_Item]] = {}
     for key, _, rgb, mask, windows, _ in loaded:
         for y, x, h, w in windows:

@@ -367,6 +367,10 @@ NONSENSE = [
     (["--device", "gpu"], "is not a device"),
     (["--method", "nope"], "--method 'nope' is unknown; choose one of"),
     (["--method", "latent"], "needs --model"),
+    (["--masks", "auto"], "--masks auto needs --mask-model DIR"),
+    (["--masks", "auto", "--mask-model", "nope"], "--mask-model nope is not a folder"),
+    (["--masks", "auto", "--mask-model", ".", "--mask-threshold", "0.5"], "is not an artifact segmenter"),
+    (["--mask-model", "."], "--mask-model and --mask-threshold are for --masks auto"),
 ]
 
 

@@ -146,6 +146,47 @@ def test_restore_cli_keep_convention_inverts_masks(pipeline_dir, evalset, tmp_pa
         assert not np.array_equal(restored[artifact], corrupted[artifact])
 
 
+def test_restore_cli_auto_masks_from_an_exported_segmenter(pipeline_dir, evalset, tmp_path, capsys):
+    from lightning_modules.components.segmenters import build_segmenter, save_segmenter, segment_images
+
+    torch.manual_seed(0)
+    net = build_segmenter("tiny").eval()
+    seg = save_segmenter(net, tmp_path / "segmenter")
+    images = sorted((evalset / "corrupted").iterdir())
+    probs = segment_images(net, [read_image(p) for p in images])
+    threshold = float(np.quantile(np.concatenate([p.ravel() for p in probs]), 0.9))  # random net: ~10 % artifact
+    out = tmp_path / "out"
+
+    def argv(threshold):
+        return ["--model", str(pipeline_dir), "--images", str(evalset / "corrupted"), "--masks", "auto",
+                "--mask-model", str(seg), "--mask-threshold", str(threshold), "--out", str(out), "--steps", "2",
+                "--batch-size", "2"]
+
+    args = argv(threshold)
+    assert restore.main(args) == 0
+    changed = 0
+    for p, prob in zip(images, probs, strict=True):
+        mask = read_image(out / f"{p.stem}.mask.png")[..., 0]
+        assert set(np.unique(mask)) <= {0, 255}
+        artifact = mask > 0
+        assert np.array_equal(artifact, prob > threshold), "the written mask is the segmenter's prediction"
+        restored, corrupted = read_image(out / p.name), read_image(p)
+        assert np.array_equal(restored[~artifact], corrupted[~artifact]), "outside the predicted mask: bit-exact"
+        changed += int(artifact.any() and not np.array_equal(restored[artifact], corrupted[artifact]))
+    assert changed > 0, "the predicted artifact region is restored"
+    manifest = json.loads((out / restore.MANIFEST).read_text())
+    assert manifest["mask_model_fingerprint"] == restore.model_fingerprint(seg)
+    assert manifest["mask_threshold"] == threshold and manifest["mask_model"] == str(seg)
+    first = (out / "t0.png").read_bytes()
+    (out / "t1.mask.png").unlink()  # a lost mask is redone with its output, identically
+    capsys.readouterr()
+    assert restore.main(args) == 0
+    assert "resuming: 2 outputs already" in capsys.readouterr().out
+    assert (out / "t0.png").read_bytes() == first and (out / "t1.mask.png").is_file()
+    assert restore.main(argv(0.7)) == 2, "another threshold makes other outputs: refused without --force"
+    assert "mask_threshold" in capsys.readouterr().err
+
+
 def test_evaluate_run_mode_writes_csv_summary_report_grid(pipeline_dir, evalset, tmp_path):
     out = tmp_path / "eval"
     assert evaluate.main(["--data", str(evalset), "--methods", "identity,telea,latent", "--model", str(pipeline_dir),

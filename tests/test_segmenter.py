@@ -81,3 +81,21 @@ def test_cpu_and_paper_configs_parse(tmp_path):
         )
         assert cli.config["model"]["init_args"]["net"]["init_args"]["size"] == size
         assert cli.model.net.config.extra["size"] == size and cli.datamodule.batch_size in (8, 32)
+
+
+def test_segment_images_pads_to_the_stride_and_crops_back():
+    import numpy as np
+
+    from datamodules.datasets import to_tensor
+    from lightning_modules.components.segmenters import segment_images
+
+    torch.manual_seed(0)
+    net = build_segmenter("tiny").eval()
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((37, 50), (32, 32), (37, 50))]
+    probs = segment_images(net, images, batch_size=1)
+    assert [p.shape for p in probs] == [(37, 50), (32, 32), (37, 50)] and all(p.dtype == np.float32 for p in probs)
+    padded = np.pad(images[0], ((0, 3), (0, 6), (0, 0)), mode="reflect")  # next multiples of the stride 8
+    assert np.array_equal(probs[0], net.predict_proba(to_tensor(padded)[None])[0, 0].numpy()[:37, :50])
+    with pytest.raises(ValueError, match="larger than"):
+        segment_images(net, images, size=(32, 32))

@@ -11,18 +11,24 @@ Export folder (``save_segmenter`` / ``load_segmenter``)::
 
     DIR/segmenter.json   # format, encoder, out_indices, decoder channels, threshold, training facts
     DIR/weights.pt       # state dict (torch.save; loaded with weights_only=True)
+
+:func:`segment_images` runs a loaded segmenter on uint8 RGB images of any size (padding them to its stride); both
+``experiments.restore --masks auto`` (per tile) and ``restore_slide --masks auto`` (per slide tile) predict through it.
 """
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from datamodules.datasets import to_tensor
 from lightning_modules.components.classifiers import (
     BUNDLED_EFFICIENTNET_LITE0,
     bundled_efficientnet_lite0_path,
@@ -165,18 +171,73 @@ def save_segmenter(model: ArtifactSegmenter, path: str | os.PathLike, extra: dic
     return path
 
 
-def load_segmenter(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> ArtifactSegmenter:
-    """Load a folder written by :func:`save_segmenter` (eval mode); errors name the missing part."""
+def read_segmenter_meta(path: str | os.PathLike) -> dict:
+    """``segmenter.json`` of an export folder (no weights are read); errors name the missing part."""
     path = Path(path)
     meta_file = path / "segmenter.json"
     if not meta_file.is_file():
         raise FileNotFoundError(f"{path} is not an artifact segmenter (no segmenter.json); train and export one "
                                 "(docs/SLIDES.md)")
-    meta = json.loads(meta_file.read_text())
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{meta_file}: format_version {meta.get('format_version')} != {FORMAT_VERSION}")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except ValueError as err:
+        raise ValueError(f"{meta_file} is not valid JSON ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        raise ValueError(f"{meta_file}: format_version {version} != {FORMAT_VERSION}")
+    return meta
+
+
+def load_segmenter(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> ArtifactSegmenter:
+    """Load a folder written by :func:`save_segmenter` (eval mode); errors name the missing part."""
+    path = Path(path)
+    meta = read_segmenter_meta(path)
     config = SegmenterConfig(meta["encoder"], tuple(meta["out_indices"]), tuple(meta["decoder_channels"]),
                              float(meta["threshold"]), meta.get("extra", {}))
     model = ArtifactSegmenter(config)
     model.load_state_dict(torch.load(path / "weights.pt", map_location="cpu", weights_only=True))
     return model.to(device).eval()
+
+
+def _pad_to(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Pad an (h, w, 3) image at the bottom and right to (height, width): reflect, or edge for 1 px sides."""
+    h, w = rgb.shape[:2]
+    mode = "reflect" if min(h, w) > 1 else "edge"
+    return np.pad(rgb, ((0, height - h), (0, width - w), (0, 0)), mode=mode)
+
+
+def segment_images(net: ArtifactSegmenter, images: Sequence[np.ndarray], *, size: tuple[int, int] | None = None,
+                   batch_size: int = 8) -> list[np.ndarray]:
+    """Artifact probability of every pixel of uint8 RGB images, with a loaded segmenter (any image size).
+
+    Each image is padded at its bottom and right (reflect; edge for 1 px sides) to ``size`` or, without it, to the
+    next multiple of the segmenter's stride; images of one padded size go through the network together, at most
+    ``batch_size`` at a time, and every probability map is cropped back to its image.
+
+    Args:
+        net: An :class:`ArtifactSegmenter` in eval mode (``load_segmenter``); inputs go to its parameters' device.
+        images: uint8 (H, W, 3) RGB arrays.
+        size: ``(height, width)`` to pad every image to (multiples of ``net.stride``, at least each image's size).
+        batch_size: Images per forward pass.
+
+    Returns:
+        One float32 (H, W) array in [0, 1] per image, in order (``> net.config.threshold`` = artifact).
+    """
+    device = next(net.parameters()).device
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, rgb in enumerate(images):
+        h, w = rgb.shape[:2]
+        padded = size or (-(-h // net.stride) * net.stride, -(-w // net.stride) * net.stride)
+        if padded[0] < h or padded[1] < w:
+            raise ValueError(f"image {i} is {w}x{h} px (WxH), larger than the size {padded[1]}x{padded[0]} to pad to")
+        groups.setdefault(tuple(padded), []).append(i)
+    out: list[np.ndarray | None] = [None] * len(images)
+    for (ph, pw), idx in groups.items():
+        for b in range(0, len(idx), batch_size):
+            chunk = idx[b : b + batch_size]
+            batch = torch.stack([to_tensor(_pad_to(images[i], ph, pw)) for i in chunk]).to(device)
+            probs = net.predict_proba(batch)[:, 0].cpu().numpy()
+            for i, p in zip(chunk, probs, strict=True):
+                h, w = images[i].shape[:2]
+                out[i] = p[:h, :w]
+    return out

@@ -18,13 +18,11 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
-from datamodules.datasets import to_tensor
 from datamodules.slide_masks import ImageMask
 from datamodules.slides import SlideInputError, TileGrid, file_fingerprint
-from lightning_modules.components.segmenters import load_segmenter
+from lightning_modules.components.segmenters import load_segmenter, segment_images
 from lightning_modules.components.slide_store import write_json_atomic
 
 
@@ -105,10 +103,8 @@ def predict_slide_mask(model_dir: Path, source, info, *, downsample: int, out: P
             rgb = source.read_region(gx, gy, gw, gh)
             if downsample > 1:
                 rgb = cv2.resize(rgb, (tw, th), interpolation=cv2.INTER_AREA)
-            mode = "reflect" if min(th, tw) > 1 else "edge"
-            images.append(to_tensor(np.pad(rgb, ((0, tile - th), (0, tile - tw), (0, 0)), mode=mode)))
-        with torch.no_grad():
-            probs = net.predict_proba(torch.stack(images).to(device))[:, 0].cpu().numpy()
+            images.append(rgb)
+        probs = segment_images(net, images, size=(tile, tile), batch_size=len(chunk))
         for i, p in zip(chunk, probs, strict=True):
             r, c = divmod(i, grid.ncols)
             (x0, x1), (y0, y1), (x, y, _, _) = cols[c], rows[r], grid.box(i)
