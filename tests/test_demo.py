@@ -110,3 +110,15 @@ def test_segmenter_dice_counts_pixels_and_types(tmp_path):
     assert r["dice"] == pytest.approx(2 * sum(inter) / sum(sizes)), "pooled over every pixel"
     assert r["per_type"] == {"fold": pytest.approx(2 * inter[1] / sizes[1]), "ink": pytest.approx(1.0)}
     assert r["mean_tile_dice"] == pytest.approx((1.0 + 2 * inter[1] / sizes[1]) / 2)
+
+
+def test_an_edited_training_config_changes_the_stage_fingerprint(tmp_path):
+    """A stage is reused only when its settings AND the configs it composes are unchanged (never a stale model)."""
+    (tmp_path / "model").mkdir()
+    config = tmp_path / "model" / "x.yaml"
+    config.write_text("model:\n  lr: 1.0e-3\n")
+    before = demo.configs_fingerprint(tmp_path)
+    assert demo.configs_fingerprint(tmp_path) == before, "deterministic"
+    config.write_text("model:\n  lr: 3.0e-4\n")
+    assert demo.configs_fingerprint(tmp_path) != before
+    assert len(demo.configs_fingerprint()) == 16, "the shipped configs hash"
