@@ -93,37 +93,51 @@ def training_records(
         for precision in precisions:
             for use_cache in (True, False):
 
-                def step(use_cache: bool = use_cache, precision: str = precision) -> torch.Tensor:
-                    batch = {"latent": next(cached)["latent"].to(device)} if use_cache else {"clean": clean}
-                    optimizer.zero_grad(set_to_none=True)
-                    with autocast(device, precision):
-                        loss = module.model_step(batch)["loss"]
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(module.denoiser.parameters(), 1.0)
-                    optimizer.step()
-                    return loss
+                def batch(use_cache: bool = use_cache) -> dict:
+                    return {"latent": next(cached)["latent"].to(device)} if use_cache else {"clean": clean}
 
-                log.info("training: %s batch %d, latent cache %s", precision, batch_size, "on" if use_cache else "off")
-                with autocast(device, precision):
-                    flops = count_flops(step)
-                timing = measure(step, device, max_seconds=max_seconds, warmup=warmup)
-                records.append({
-                    "record": "training",
-                    "method": "latent",
-                    "config": config,
-                    "precision": precision,
-                    "batch_size": batch_size,
-                    "latent_cache": use_cache,
-                    "device": str(device),
-                    "threads": torch.get_num_threads(),
-                    "seconds_per_step": timing.median,
-                    "steps": timing.reps,
-                    "images_per_second": batch_size / timing.median,
-                    "flops_per_step": flops,
-                    "achieved_flops_per_second": flops / timing.median,
-                })
+                records.append(_training_record(
+                    module, optimizer, batch, method="latent", config=config, precision=precision,
+                    batch_size=batch_size, use_cache=use_cache, device=device, max_seconds=max_seconds, warmup=warmup))
     _add_cache_speedups(records)
     return records
+
+
+def _training_record(module, optimizer, next_batch, *, method: str, config: str, precision: str, batch_size: int,
+                     use_cache: bool, device: torch.device, max_seconds: float, warmup: int,
+                     extra: dict | None = None) -> dict:
+    """Time one optimiser step of ``module`` on ``next_batch()`` (FLOPs counted once) and return its record."""
+
+    def step() -> torch.Tensor:
+        batch = next_batch()
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, precision):
+            loss = module.model_step(batch)["loss"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.denoiser.parameters(), 1.0)
+        optimizer.step()
+        return loss
+
+    log.info("training %s: %s batch %d, latent cache %s", method, precision, batch_size, "on" if use_cache else "off")
+    with autocast(device, precision):
+        flops = count_flops(step)
+    timing = measure(step, device, max_seconds=max_seconds, warmup=warmup)
+    return {
+        "record": "training",
+        "method": method,
+        "config": config,
+        "precision": precision,
+        "batch_size": batch_size,
+        "latent_cache": use_cache,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "seconds_per_step": timing.median,
+        "steps": timing.reps,
+        "images_per_second": batch_size / timing.median,
+        "flops_per_step": flops,
+        "achieved_flops_per_second": flops / timing.median,
+        **(extra or {}),
+    }
 
 
 def _add_cache_speedups(records: list[dict]) -> None:
@@ -207,37 +221,13 @@ def conditional_training_records(
         for precision in precisions:
             for use_cache in (True, False):
 
-                def step(use_cache: bool = use_cache, precision: str = precision) -> torch.Tensor:
+                def batch(use_cache: bool = use_cache) -> dict:
                     raw = next(sources_of[use_cache])
-                    batch = {k: raw[k].to(device) for k in keys[use_cache]}
-                    optimizer.zero_grad(set_to_none=True)
-                    with autocast(device, precision):
-                        loss = module.model_step(batch)["loss"]
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(module.denoiser.parameters(), 1.0)
-                    optimizer.step()
-                    return loss
+                    return {k: raw[k].to(device) for k in keys[use_cache]}
 
-                log.info("conditional training: %s batch %d, cache %s", precision, batch_size, use_cache)
-                with autocast(device, precision):
-                    flops = count_flops(step)
-                timing = measure(step, device, max_seconds=max_seconds, warmup=warmup)
-                records.append({
-                    "record": "training",
-                    "method": "latent-conditional",
-                    "config": config,
-                    "precision": precision,
-                    "batch_size": batch_size,
-                    "latent_cache": use_cache,
-                    "device": str(device),
-                    "threads": torch.get_num_threads(),
-                    "seconds_per_step": timing.median,
-                    "steps": timing.reps,
-                    "images_per_second": batch_size / timing.median,
-                    "flops_per_step": flops,
-                    "achieved_flops_per_second": flops / timing.median,
-                    "cache_variants": variants,
-                    "cache_build_images_per_second": build_rate,
-                })
+                records.append(_training_record(
+                    module, optimizer, batch, method="latent-conditional", config=config, precision=precision,
+                    batch_size=batch_size, use_cache=use_cache, device=device, max_seconds=max_seconds, warmup=warmup,
+                    extra={"cache_variants": variants, "cache_build_images_per_second": build_rate}))
     _add_cache_speedups(records)
     return records
