@@ -129,11 +129,11 @@ def build_latent_cache(
     return path
 
 
-def cache_is_valid(path: str | Path, manifest: Mapping) -> bool:
-    """True when ``path`` holds a complete cache whose manifest equals ``manifest``."""
+def cache_is_valid(path: str | Path, manifest: Mapping, filename: str = "latents.pt") -> bool:
+    """True when ``path`` holds a complete cache (``filename``) whose manifest equals ``manifest``."""
     path = Path(path)
     try:
-        return (path / "latents.pt").is_file() and json.loads((path / "manifest.json").read_text()) == dict(manifest)
+        return (path / filename).is_file() and json.loads((path / "manifest.json").read_text()) == dict(manifest)
     except (OSError, ValueError):
         return False
 

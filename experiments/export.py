@@ -6,6 +6,7 @@
     python -m experiments.export artifusion --ckpt runs/.../last.ckpt --out outputs/artifusion [--paper-sampler]
     python -m experiments.export cyclegan --ckpt runs/.../last.ckpt --out outputs/cyclegan
     python -m experiments.export segmenter --ckpt runs/.../best.ckpt --out outputs/artifact_segmenter
+    python -m experiments.export refiner --ckpt runs/.../last.ckpt --out outputs/pipeline_conditional
 
 - ``vae``: re-estimates the latent scaling factor once on clean validation tiles of ``--sources`` (1 / std of the
   latents) and writes a diffusers ``AutoencoderKL`` folder for ``--model.init_args.autoencoder``.
@@ -17,6 +18,8 @@
   10 resamples: 2410 network evaluations), otherwise ``--steps`` plain steps.
 - ``cyclegan``: the artifact -> clean generator for the ``cyclegan`` restorer.
 - ``segmenter``: the artifact segmenter for ``restore_slide --masks auto --mask-model``.
+- ``refiner``: the pixel refiner of ``latent-conditional``, ADDED to the existing pipeline folder ``--out``
+  (``refiner/`` + a ``refiner`` entry in its ``pipeline.json``).
 """
 
 import argparse
@@ -25,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-KINDS = ("vae", "latent", "conditional", "artifusion", "cyclegan", "segmenter")
+KINDS = ("vae", "latent", "conditional", "artifusion", "cyclegan", "segmenter", "refiner")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -85,6 +88,15 @@ def export(args: argparse.Namespace) -> Path:
 
         module = PixelDiffusionModule.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=False)
         return module.export(args.out, sampler=None if args.paper_sampler else sampler, image_size=args.image_size)
+    if args.kind == "refiner":
+        from lightning_modules.components.pipeline import attach_refiner
+        from lightning_modules.refiner_module import RefinerModule
+
+        if not (args.out / "pipeline.json").is_file():
+            raise SystemExit(f"{args.out} is not a pipeline folder (no pipeline.json); the refiner is added to the "
+                             "exported latent-conditional pipeline it was trained on")
+        module = RefinerModule.load_for_export(args.ckpt)
+        return attach_refiner(args.out, module.net, {"checkpoint": str(args.ckpt)})
     if args.kind == "segmenter":
         from lightning_modules.segmenter import ArtifactSegmenterModule
 

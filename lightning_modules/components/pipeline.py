@@ -9,12 +9,15 @@ Layout (diffusers ``save_pretrained`` formats plus one JSON file)::
                         # pixel baseline's Swin-UNet); EMA weights when training used EMA
       scheduler/        # the training noise schedule (diffusers DDPMScheduler config)
       vae/              # diffusers AutoencoderKL (latent pipelines only)
+      refiner/          # optional pixel refiner (components/refiner.py), named by pipeline.json's "refiner"
 
 ``RestorationPipeline.from_pretrained(dir)`` loads it; ``restore(corrupted, artifact_mask)`` runs the regional
 sampler (docs/METHOD.md sections 3-4) with the stored settings, any of which can be overridden per call (preset, step
 count, scheduler, strength, ...). The same class serves pixel-space models (``kind="pixel"``: no VAE, factor 1) and
 the mask-conditioned restorer (``conditional: true``: the denoiser also takes the latent mask and the corrupted
-latent, see ``components/conditioning.py``).
+latent, see ``components/conditioning.py``). A pipeline with a ``refiner/`` runs it on the pasted-back restoration
+and pastes its output back again (``SamplerConfig.refine=False`` skips it); :func:`attach_refiner` adds one to an
+exported folder.
 """
 
 import contextlib
@@ -30,7 +33,8 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
 
 from lightning_modules.components.autoencoders import LatentCodec
 from lightning_modules.components.denoisers import predict
-from lightning_modules.components.regional_sampler import RegionalSampler, SamplerConfig, restore
+from lightning_modules.components.refiner import PixelRefiner, load_refiner, save_refiner
+from lightning_modules.components.regional_sampler import RegionalSampler, SamplerConfig, composite, restore
 from lightning_modules.components.restorer import check_batch, register_restorer
 from lightning_modules.components.schedulers import build_scheduler
 
@@ -38,6 +42,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+REFINER_DIR = "refiner"
 
 
 def unet_callable(unet: torch.nn.Module) -> callable:
@@ -74,6 +79,7 @@ def save_pipeline(
     scheduler_name: str = "ddpm",
     conditional: bool = False,
     residual: bool = False,
+    refiner: PixelRefiner | None = None,
     extra: dict | None = None,
 ) -> Path:
     """Write a pipeline folder (atomically: built in a temp folder, then renamed over ``path``).
@@ -88,6 +94,7 @@ def save_pipeline(
         scheduler_name: Default sampling scheduler (``"ddpm"``, ``"ddim"``, ``"dpmsolver++"``).
         conditional: The denoiser is a mask-conditioned restorer (input ``[z_t, mask, z_corrupted]``).
         residual: The conditional denoiser generates the latent change ``z - z_corrupted`` rather than ``z``.
+        refiner: Optional pixel refiner, written to ``refiner/``.
         extra: Extra JSON-serialisable facts (training run, metrics) stored under ``"extra"``.
 
     Returns:
@@ -102,6 +109,8 @@ def save_pipeline(
     scheduler.save_pretrained(tmp / "scheduler")
     if vae is not None:
         vae.save_pretrained(tmp / "vae")
+    if refiner is not None:
+        save_refiner(refiner, tmp / REFINER_DIR)
     meta = {
         "format_version": FORMAT_VERSION,
         "kind": "latent" if vae is not None else "pixel",
@@ -113,10 +122,34 @@ def save_pipeline(
         "sampler": sampler.to_dict(),
         "extra": extra or {},
     }
+    if refiner is not None:
+        meta["refiner"] = REFINER_DIR
     (tmp / "pipeline.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
     if path.exists():
         _rmtree(path)
     os.replace(tmp, path)
+    return path
+
+
+def attach_refiner(path: str | Path, refiner: PixelRefiner, extra: dict | None = None) -> Path:
+    """Add (or replace) the pixel refiner of an exported pipeline folder.
+
+    The refiner is written to ``refiner.tmp`` and renamed over ``refiner/``, then ``pipeline.json`` is rewritten
+    through a temporary file: an interrupted call leaves either the old pipeline or the new one.
+
+    Raises:
+        FileNotFoundError: ``path`` holds no ``pipeline.json``.
+    """
+    path = Path(path)
+    meta_file = path / "pipeline.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{path} is not a restoration pipeline (no pipeline.json); export it first")
+    meta = json.loads(meta_file.read_text())
+    save_refiner(refiner, path / REFINER_DIR, extra)
+    meta["refiner"] = REFINER_DIR
+    tmp = meta_file.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
+    os.replace(tmp, meta_file)
     return path
 
 
@@ -140,6 +173,7 @@ class RestorationPipeline(torch.nn.Module):
         image_size: Tile edge in pixels the pipeline was trained for.
         conditional: The denoiser takes ``[z_t, latent_mask, z_corrupted]`` (``components/conditioning.py``).
         residual: The conditional denoiser generates the latent change, not the clean latent.
+        refiner: Optional pixel refiner run on the pasted-back restoration (``components/refiner.py``).
     """
 
     def __init__(
@@ -155,6 +189,7 @@ class RestorationPipeline(torch.nn.Module):
         image_size: int = 256,
         conditional: bool = False,
         residual: bool = False,
+        refiner: PixelRefiner | None = None,
     ) -> None:
         super().__init__()
         if precision not in PRECISIONS:
@@ -171,6 +206,7 @@ class RestorationPipeline(torch.nn.Module):
         self.residual = bool(residual)
         if self.residual and not self.conditional:
             raise ValueError("a residual pipeline needs a conditional denoiser")
+        self.refiner = refiner.eval().requires_grad_(False) if refiner is not None else None
         self.nfe = 0
 
     @property
@@ -227,6 +263,12 @@ class RestorationPipeline(torch.nn.Module):
         if meta["kind"] == "latent":
             vae = load("vae", AutoencoderKL.from_pretrained, low_cpu_mem_usage=False)
         conditional = bool(meta.get("conditional", False))
+        refiner = None
+        if meta.get("refiner"):
+            try:
+                refiner = load_refiner(path / meta["refiner"])
+            except (FileNotFoundError, ValueError, KeyError) as err:
+                raise type(err)(f"{err}; the pipeline folder is damaged: {fix}") from err
         try:
             sampler = SamplerConfig.from_dict(meta["sampler"])
         except (TypeError, ValueError) as err:
@@ -242,6 +284,7 @@ class RestorationPipeline(torch.nn.Module):
             image_size=meta.get("image_size", 256),
             conditional=conditional,
             residual=bool(meta.get("residual", False)),
+            refiner=refiner,
         )
         return pipe.to(device)
 
@@ -257,6 +300,7 @@ class RestorationPipeline(torch.nn.Module):
             scheduler_name=self.scheduler_name,
             conditional=self.conditional,
             residual=self.residual,
+            refiner=self.refiner,
         )
 
     def _autocast(self, device: torch.device):
@@ -295,7 +339,7 @@ class RestorationPipeline(torch.nn.Module):
             generator: Seeds every random draw (same seed, same output on CPU).
             preset: ``"repaint"`` or ``"reference"`` to switch presets for this call.
             scheduler: Sampling scheduler name for this call.
-            **overrides: SamplerConfig fields, e.g. ``num_steps=25``, ``strength=0.8``.
+            **overrides: SamplerConfig fields, e.g. ``num_steps=25``, ``strength=0.8``, ``refine=False``.
 
         Returns:
             (B, 3, H, W) in [-1, 1].
@@ -322,8 +366,22 @@ class RestorationPipeline(torch.nn.Module):
                 conditional=self.conditional,
                 residual=self.residual,
             )
+            if self.refiner is not None and sampler.config.refine:
+                out = self._refine(corrupted, out, artifact_mask, sampler.config)
         self.nfe = sampler.nfe
         return out.float()
+
+    def _refine(self, corrupted: torch.Tensor, coarse: torch.Tensor, mask: torch.Tensor,
+                config: SamplerConfig) -> torch.Tensor:
+        """Run the refiner on the latent stage's restoration and paste the result back (clean pixels bit-exact).
+
+        The paste is hard (no feather): the refiner sees the input around the mask and is trained to meet it at the
+        border, so blending the artifact's own rim back in would only undo part of its work.
+        """
+        refined = self.refiner(corrupted, coarse, mask).clamp(-1, 1).to(corrupted.dtype)
+        if not config.paste_back:
+            return refined
+        return composite(refined, corrupted, mask, 0)
 
 
 def _pipeline_factory(preset: str, method: str):

@@ -89,6 +89,8 @@ class SamplerConfig:
             ``x + D(z) - D(z0)``), ``"od-delta"`` (the same change added in optical density, i.e. multiplied in
             transmitted light: Beer-Lambert, the physics of stains and inks) or ``"adaptive"`` (``"delta"`` where
             the artifact lets light through, ``"full"`` where it absorbs it).
+        refine: in a pipeline that holds a pixel refiner (``components/refiner.py``), run it on the pasted-back
+            restoration (False = the latent stage alone, e.g. to ablate the refiner); ignored elsewhere.
     """
 
     preset: Literal["repaint", "reference"] = "repaint"
@@ -107,6 +109,7 @@ class SamplerConfig:
     timestep_spacing: Literal["leading", "trailing", "linspace"] | None = "trailing"
     steps_offset: int | None = None
     decode: Literal["full", "delta", "od-delta", "adaptive"] = "full"
+    refine: bool = True
 
     def __post_init__(self) -> None:
         for key, choices in _CHOICES.items():
@@ -121,6 +124,8 @@ class SamplerConfig:
             raise ValueError(f"strength must be in (0, 1], got {self.strength!r}")
         if int(self.num_steps * self.strength) < 1:
             raise ValueError(f"strength {self.strength} with num_steps {self.num_steps} runs no step")
+        if not isinstance(self.refine, bool):
+            raise ValueError(f"refine must be true or false, got {self.refine!r}")
         if self.eta < 0:
             raise ValueError(f"eta must be >= 0, got {self.eta!r}")
 

@@ -65,7 +65,8 @@ SIZES = {
 }
 
 
-def _block(cin: int, cout: int) -> nn.Sequential:
+def conv_block(cin: int, cout: int) -> nn.Sequential:
+    """Two 3x3 conv-BN-ReLU layers (a UNet decoder stage)."""
     return nn.Sequential(
         nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
         nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
@@ -98,10 +99,10 @@ class ArtifactSegmenter(nn.Module):
         dec = list(config.decoder_channels)
         blocks, cin = [], chans[-1]
         for i in range(len(chans) - 1):
-            blocks.append(_block(cin + chans[-2 - i], dec[i]))
+            blocks.append(conv_block(cin + chans[-2 - i], dec[i]))
             cin = dec[i]
         self.decoder = nn.ModuleList(blocks)
-        self.final = _block(cin, dec[-1])
+        self.final = conv_block(cin, dec[-1])
         self.head = nn.Conv2d(dec[-1], 1, 1)
 
     def forward(self, x: Tensor) -> Tensor:

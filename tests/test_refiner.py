@@ -1,0 +1,282 @@
+"""Pixel refiner of latent-conditional: contract, start state, learning, pool, training + export, pipeline, CLI."""
+
+import functools
+import json
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import Trainer
+
+from datamodules.imageio import read_image, read_mask, write_image_atomic, write_mask_atomic
+from datamodules.refiner_pool import RefinerPoolDataModule, RefinerPoolDataset
+from lightning_modules.components.autoencoders import build_autoencoder
+from lightning_modules.components.denoisers import build_unet
+from lightning_modules.components.pipeline import RestorationPipeline, attach_refiner
+from lightning_modules.components.refiner import build_refiner, load_refiner, save_refiner
+from lightning_modules.components.regional_sampler import SamplerConfig
+from lightning_modules.conditional_latent import ConditionalLatentDiffusionModule
+from lightning_modules.refiner_module import RefinerModule, artifact_psnr, masked_errors
+from tests.tiny_data import real_crops
+
+ADAMW = functools.partial(torch.optim.AdamW, lr=3e-3)
+
+
+def _pair(n: int = 2, size: int = 64):
+    """Real crops, a translucent dark band (ink-like: the tissue shows through) across them, its mask."""
+    clean = real_crops(n, size)
+    mask = torch.zeros(n, 1, size, size)
+    mask[:, :, size // 3 : size // 3 + 16] = 1
+    corrupted = torch.where(mask.bool(), clean * 0.5 - 0.4, clean)
+    return clean, corrupted, mask
+
+
+def test_output_is_a_gated_blend_plus_a_residual_and_starts_as_the_blend():
+    torch.manual_seed(0)
+    net = build_refiner("tiny").eval()
+    _, corrupted, mask = _pair()
+    coarse = torch.zeros_like(corrupted)
+    with torch.no_grad():
+        out = net(corrupted, coarse, mask)
+        residual, gate = net.heads(torch.cat([corrupted, coarse, mask], 1))
+    assert out.shape == corrupted.shape
+    g = torch.sigmoid(torch.tensor(net.config.gate_bias))
+    torch.testing.assert_close(out, corrupted + g * (coarse - corrupted))  # zero residual head at the start
+    assert residual.abs().max() == 0 and torch.allclose(gate, torch.full_like(gate, net.config.gate_bias))
+
+
+def test_any_size_is_padded_and_cropped_and_bad_shapes_are_refused():
+    net = build_refiner("tiny").eval()
+    x = torch.rand(1, 3, 40, 56) * 2 - 1
+    with torch.no_grad():
+        assert net(x, x, torch.zeros(1, 1, 40, 56)).shape == (1, 3, 40, 56)
+    with pytest.raises(ValueError, match="disagree"):
+        net(x, x[..., :32], torch.zeros(1, 1, 40, 56))
+
+
+def test_loss_terms_and_psnr():
+    clean = torch.zeros(2, 3, 8, 8)
+    out = clean.clone()
+    out[1] += 0.5
+    mask = torch.ones(2, 1, 8, 8)
+    l1, mse = masked_errors(out, clean, mask)
+    torch.testing.assert_close(l1, torch.tensor([0.0, 0.5]))
+    torch.testing.assert_close(artifact_psnr(mse[1:]), torch.tensor([10 * np.log10(4 / 0.25)], dtype=torch.float32))
+    empty = masked_errors(out, clean, torch.zeros(2, 1, 8, 8))[1]
+    assert torch.equal(empty, torch.zeros(2)), "an empty mask contributes no error"
+    with pytest.raises(ValueError):
+        RefinerModule(build_refiner("tiny"), log_weight=-1)
+
+
+def test_a_trained_refiner_restores_better_than_the_latent_stage_it_refines():
+    """The refiner sees the tissue under the translucent band; a blurry coarse guess it must improve on."""
+    torch.manual_seed(0)
+    clean, corrupted, mask = _pair(2)
+    coarse = torch.where(mask.bool(), torch.nn.functional.avg_pool2d(clean, 9, 1, 4), corrupted)
+    module = RefinerModule(build_refiner("tiny"))
+    opt = torch.optim.AdamW(module.parameters(), lr=3e-3)
+    before = masked_errors(coarse, clean, mask)[1].mean()
+    for _ in range(60):
+        loss = module.loss(module(corrupted, coarse, mask), clean, mask)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    module.eval()
+    with torch.no_grad():
+        after = masked_errors(module(corrupted, coarse, mask).clamp(-1, 1), clean, mask)[1].mean()
+    assert after < 0.5 * before, (float(before), float(after))
+
+
+def test_save_load_round_trip_and_damaged_folders(tmp_path):
+    torch.manual_seed(0)
+    net = build_refiner("tiny")
+    with torch.no_grad():
+        net.head.weight.normal_()
+    net.eval()
+    save_refiner(net, tmp_path / "r", {"steps": 3})
+    loaded = load_refiner(tmp_path / "r")
+    _, corrupted, mask = _pair(1)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(corrupted, corrupted, mask), net(corrupted, corrupted, mask))
+    assert json.loads((tmp_path / "r" / "refiner.json").read_text())["extra"]["steps"] == 3
+    (tmp_path / "r" / "weights.pt").write_bytes(b"broken")
+    with pytest.raises(ValueError, match="weights.pt"):
+        load_refiner(tmp_path / "r")
+    with pytest.raises(FileNotFoundError, match="refiner.json"):
+        load_refiner(tmp_path / "missing")
+
+
+# -------------------------------------------------------------------------------------- pipeline with a refiner
+
+
+@pytest.fixture(scope="module")
+def conditional_pipeline(tmp_path_factory):
+    """A tiny exported latent-conditional pipeline (4-channel VAE, 64 px tiles, 2 DDIM steps)."""
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("refiner")
+    build_autoencoder("tiny").save_pretrained(root / "vae")
+    net = build_unet("tiny", sample_size=8, in_channels=9, out_channels=4)
+    module = ConditionalLatentDiffusionModule(net, autoencoder=str(root / "vae"), optimizer=ADAMW)
+    module.get_codec()
+    module.export(root / "pipeline", sampler=SamplerConfig(num_steps=2, decode="delta", feather=2), image_size=64)
+    return root / "pipeline"
+
+
+def _with_refiner(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    torch.manual_seed(1)
+    refiner = build_refiner("tiny")
+    with torch.no_grad():
+        refiner.head.weight.normal_(std=0.5)
+    attach_refiner(dst, refiner.eval(), {"note": "test"})
+    return dst
+
+
+def test_pipeline_runs_its_refiner_keeps_clean_pixels_and_can_skip_it(conditional_pipeline, tmp_path):
+    path = _with_refiner(conditional_pipeline, tmp_path / "p")
+    assert json.loads((path / "pipeline.json").read_text())["refiner"] == "refiner"
+    plain = RestorationPipeline.from_pretrained(conditional_pipeline)
+    pipe = RestorationPipeline.from_pretrained(path)
+    assert plain.refiner is None and pipe.refiner is not None
+    _, corrupted, mask = _pair(2)
+
+    def run(p, **kw):
+        return p.restore(corrupted, mask, generator=torch.Generator().manual_seed(0), **kw)
+
+    refined, coarse = run(pipe), run(pipe, refine=False)
+    torch.testing.assert_close(coarse, run(plain))
+    keep = (mask == 0).expand_as(corrupted)
+    assert torch.equal(refined[keep], corrupted[keep]), "clean pixels stay bit-exact through the refiner"
+    assert not torch.equal(refined[~keep], coarse[~keep]), "the refiner changed the artifact region"
+    with torch.no_grad():
+        expected = pipe.refiner(corrupted, coarse, mask).clamp(-1, 1)
+    torch.testing.assert_close(refined[~keep], expected[~keep])
+    saved = pipe.save_pretrained(tmp_path / "resaved")
+    torch.testing.assert_close(run(RestorationPipeline.from_pretrained(saved)), refined)
+
+
+def test_a_damaged_refiner_names_the_folder(conditional_pipeline, tmp_path):
+    path = _with_refiner(conditional_pipeline, tmp_path / "p")
+    (path / "refiner" / "refiner.json").unlink()
+    with pytest.raises(FileNotFoundError, match="damaged"):
+        RestorationPipeline.from_pretrained(path)
+
+
+def test_restore_command_uses_the_refiner(conditional_pipeline, tmp_path, he_tiles):
+    from experiments import restore as restore_cli
+
+    path = _with_refiner(conditional_pipeline, tmp_path / "p")
+    for i, tile in enumerate(he_tiles[:2]):
+        mask = np.zeros((64, 64), bool)
+        mask[10:30, 5 + 10 * i : 40 + 10 * i] = True
+        corrupted = tile[:64, :64].copy()
+        corrupted[mask] = corrupted[mask] // 2
+        write_image_atomic(tmp_path / "img" / f"t{i}.png", corrupted)
+        write_mask_atomic(tmp_path / "msk" / f"t{i}.png", mask)
+    outs = {}
+    for name, model in (("plain", conditional_pipeline), ("refined", path)):
+        assert restore_cli.main(["--model", str(model), "--method", "latent-conditional", "--images",
+                                 str(tmp_path / "img"), "--masks", str(tmp_path / "msk"), "--out",
+                                 str(tmp_path / name), "--device", "cpu"]) == 0
+        outs[name] = [read_image(tmp_path / name / f"t{i}.png") for i in range(2)]
+    for i in range(2):
+        inp, mask = read_image(tmp_path / "img" / f"t{i}.png"), read_mask(tmp_path / "msk" / f"t{i}.png")
+        assert np.array_equal(outs["refined"][i][~mask], inp[~mask])
+        assert not np.array_equal(outs["refined"][i][mask], outs["plain"][i][mask])
+
+
+# ------------------------------------------------------------------------------- pool, LightningCLI recipe, export
+
+
+def _pool_dm(pipeline, tmp_path, **kwargs) -> RefinerPoolDataModule:
+    args = {"pipeline": str(pipeline), "cache_dir": str(tmp_path / "pool"), "tile_size": 64, "stride": 256,
+            "variants": 2, "crop": 32, "batch_size": 4, "precision": "fp32", "max_tiles": {"train": 3, "val": 2}}
+    return RefinerPoolDataModule(**{**args, **kwargs})
+
+
+def test_pool_is_built_once_deterministic_and_rebuilt_when_the_pipeline_changes(conditional_pipeline, tmp_path):
+    dm = _pool_dm(conditional_pipeline, tmp_path)
+    dm.prepare_data()
+    pool = tmp_path / "pool" / "train" / "pool.pt"
+    first = torch.load(pool)
+    assert first["clean"].shape == (6, 64, 64, 3) and first["coarse"].dtype == torch.uint8 and len(first["types"]) == 6
+    keep = ~first["mask"]
+    assert torch.equal(first["coarse"][keep], first["corrupted"][keep]), "coarse = the pasted-back latent stage"
+    stamp = pool.stat().st_mtime_ns
+    _pool_dm(conditional_pipeline, tmp_path).prepare_data()
+    assert pool.stat().st_mtime_ns == stamp, "an up-to-date pool is reused"
+    changed = _with_refiner(conditional_pipeline, tmp_path / "p2")
+    unet = RestorationPipeline.from_pretrained(changed)
+    with torch.no_grad():
+        next(unet.unet.parameters()).add_(0.1)
+    unet.refiner = None
+    unet.save_pretrained(changed)
+    _pool_dm(changed, tmp_path).prepare_data()
+    assert pool.stat().st_mtime_ns != stamp, "new denoiser weights rebuild the pool"
+
+
+def test_pool_dataset_crops_near_the_artifact_and_is_seeded_by_epoch(conditional_pipeline, tmp_path):
+    dm = _pool_dm(conditional_pipeline, tmp_path)
+    dm.prepare_data()
+    ds = RefinerPoolDataset(tmp_path / "pool" / "train", crop=32)
+    a, b, c = ds[(0, 1)], ds[(0, 1)], ds[(1, 1)]
+    assert a["clean"].shape == (3, 32, 32) and a["artifact_mask"].shape == (1, 32, 32)
+    assert torch.equal(a["coarse"], b["coarse"])
+    assert not (torch.equal(a["coarse"], c["coarse"]) and torch.equal(a["artifact_mask"], c["artifact_mask"]))
+    val = RefinerPoolDataset(tmp_path / "pool" / "val", split="val")
+    assert val[0]["clean"].shape == (3, 64, 64)
+    with pytest.raises(ValueError, match="crop"):
+        RefinerPoolDataset(tmp_path / "pool" / "train", crop=128)
+
+
+def test_pool_needs_a_conditional_pipeline(tmp_path):
+    from lightning_modules.latent_diffusion import LatentDiffusionModule
+
+    build_autoencoder("tiny").save_pretrained(tmp_path / "vae")
+    module = LatentDiffusionModule(build_unet("tiny", sample_size=8), autoencoder=str(tmp_path / "vae"))
+    module.export(tmp_path / "paper", sampler=SamplerConfig(num_steps=2), image_size=64)
+    with pytest.raises(ValueError, match="latent-conditional"):
+        _pool_dm(tmp_path / "paper", tmp_path).prepare_data()
+
+
+def test_cli_recipe_trains_and_export_attaches_the_refiner(conditional_pipeline, tmp_path):
+    from experiments import export
+    from experiments.train import cli_main
+
+    configs = "experiments/configs"
+    cli = cli_main([
+        "fit", "--config", f"{configs}/base.yaml", "--config", f"{configs}/model/refiner_tiny.yaml",
+        "--config", f"{configs}/data/refiner_pool.yaml", f"--data.init_args.pipeline={conditional_pipeline}",
+        f"--data.init_args.cache_dir={tmp_path / 'pool'}", "--data.init_args.tile_size=64",
+        "--data.init_args.stride=256", "--data.init_args.crop=32", "--data.init_args.batch_size=2",
+        "--data.init_args.variants=1", "--data.init_args.precision=fp32",
+        "--data.init_args.max_tiles={train: 2, val: 2}", "--trainer.max_steps=2", "--trainer.logger=false",
+        f"--trainer.default_root_dir={tmp_path / 'runs'}", "--trainer.enable_progress_bar=false",
+    ])
+    metrics = cli.trainer.callback_metrics
+    assert {"val/artifact_psnr", "val/artifact_psnr_gain", "val/loss"} <= set(metrics)
+    ckpt = next((tmp_path / "runs").rglob("last.ckpt"))
+    import shutil
+
+    shutil.copytree(conditional_pipeline, tmp_path / "p")
+    assert export.main(["refiner", "--ckpt", str(ckpt), "--out", str(tmp_path / "p")]) == 0
+    pipe = RestorationPipeline.from_pretrained(tmp_path / "p")
+    state = cli.model.net.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in pipe.refiner.state_dict().items())
+    with pytest.raises(SystemExit, match="pipeline.json"):
+        export.main(["refiner", "--ckpt", str(ckpt), "--out", str(tmp_path / "nowhere")])
+
+
+def test_trainer_resume_continues_the_refiner_run(conditional_pipeline, tmp_path):
+    dm = _pool_dm(conditional_pipeline, tmp_path, variants=1)
+    module = RefinerModule(build_refiner("tiny"))
+    kwargs = {"accelerator": "cpu", "logger": False, "enable_progress_bar": False, "enable_model_summary": False,
+              "limit_val_batches": 1, "default_root_dir": str(tmp_path / "run")}
+    Trainer(max_steps=2, **kwargs).fit(module, datamodule=dm)
+    ckpt = next((tmp_path / "run").rglob("*.ckpt"))
+    resumed = RefinerModule(build_refiner("tiny"))
+    trainer = Trainer(max_steps=3, **kwargs)
+    trainer.fit(resumed, datamodule=_pool_dm(conditional_pipeline, tmp_path, variants=1), ckpt_path=str(ckpt))
+    assert trainer.global_step == 3
