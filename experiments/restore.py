@@ -453,7 +453,7 @@ def check_manifest(out: Path, settings: dict, force: bool) -> dict:
             raise CLIError(f"{path} is unreadable; use a new --out, or --force to redo every file") from None
         before, now = _flat(old), _flat(settings)
         # keys of either side count (a sampler file's fields exist in one manifest only), earlier runs' extras not
-        keys = sorted({k for k in (*before, *now) if k.split(".")[0] in settings})
+        keys = [*now, *(k for k in before if k not in now and k.split(".")[0] in settings)]
         diffs = [f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in keys if before.get(k) != now.get(k)]
         if diffs:
             raise CLIError(f"{out} holds outputs of other settings ({'; '.join(diffs)}); use a new --out, or --force "
