@@ -5,6 +5,7 @@ Usage:
     python -m experiments.benchmark --config cpu --methods latent,cyclegan --precision bf16 --json bench.json
     python -m experiments.benchmark --config tiny --batch-sizes 1 --precision fp32 --max-seconds 0.5   # smoke run
     python -m experiments.benchmark --device cuda --threads 16 --json gpu.json
+    python -m experiments.benchmark --methods latent --sampler experiments/configs/sampler/steps_10.yaml
 
 What it reports, per method x precision x batch size (seconds are medians):
 
@@ -18,6 +19,10 @@ What it reports, per method x precision x batch size (seconds are medians):
   VAE alone, against matmul peaks (fp32 and bf16) measured in the same run on the same device and threads;
 - the pixel/latent ratio of seconds per tile (the paper: 30.71 s / 0.83 s on a GPU);
 - denoiser training images/s with and without the latent cache.
+
+``--sampler FILE`` (``experiments/configs/sampler/*.yaml``) and ``--sampler-set KEY=VALUE`` change the sampler
+settings of the diffusion methods (not CycleGAN); their restore records hold the file, its content and the effective
+overrides under ``sampler_file``.
 
 Weights are random (timing only). The machine's CPU model, threads and versions are recorded with the results.
 Quote ratios measured in one run; absolute seconds depend on the machine and on its load.
@@ -45,6 +50,13 @@ from experiments.benchmarking.records import (
 from experiments.benchmarking.tables import machine_line, peak_table, ratio_table, restore_table, training_table
 from experiments.benchmarking.timing import DTYPES, machine_info, matmul_peak
 from experiments.benchmarking.training import conditional_training_records, training_records
+from lightning_modules.components.sampler_files import (
+    apply_sampler,
+    load_sampler_file,
+    parse_sampler_sets,
+    sampler_kwargs,
+    sampler_record,
+)
 
 log = logging.getLogger("experiments.benchmark")
 
@@ -87,7 +99,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="matmul side for the peak (default 2048 on CPU, 8192 on CUDA)")
     p.add_argument("--json", type=Path, default=None, help="write every record to this JSON file")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampler", type=Path, metavar="FILE",
+                   help="sampler settings file for the diffusion methods (experiments/configs/sampler/*.yaml)")
+    p.add_argument("--sampler-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="set one SamplerConfig field (YAML value) of the diffusion methods; wins over --sampler")
     args = p.parse_args(argv)
+    try:
+        args.sampler_spec = None if args.sampler is None else load_sampler_file(args.sampler)
+        args.sampler_fields = parse_sampler_sets(args.sampler_set)
+    except ValueError as err:
+        p.error(str(err))
     if args.threads is not None and args.threads < 1:
         p.error("--threads must be positive")
     if args.max_seconds < 0 or args.warmup < 0 or args.train_batch < 1:
@@ -117,6 +138,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     for method in methods:
         start = time.perf_counter()
         bench = build_bench(method, geometry, device)
+        sampler = apply_sampler_file(bench, args)
         flops = bench.count_flops()
         log.info("%s (%s): built and counted in %.1f s; NFE %d, %.3g GFLOP/eval, %.3g GFLOP VAE per tile", method,
                  args.config, time.perf_counter() - start, bench.nfe, flops["eval"] / 1e9,
@@ -129,7 +151,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                     bench, config=args.config, precision=precision, batch_size=batch_size, flops=flops,
                     max_seconds=args.max_seconds, warmup=args.warmup, extrapolate=args.extrapolate,
                 )
-                records.append(record)
+                records.append({**record, "sampler_file": sampler} if sampler is not None else record)
                 log.info("[%d/%d] %s %s batch %d: %.4g s/tile (%s, NFE %d) in %.1f s", done, total, method,
                          precision, batch_size, record["seconds_per_tile"], record["measured_or_extrapolated"],
                          record["nfe"], time.perf_counter() - start)
@@ -155,6 +177,33 @@ def run(args: argparse.Namespace) -> list[dict]:
     records[0].update(peaks_flops_per_second=peaks, peak_matmul_size=peak_size)
     add_utilisation(records, peaks)
     return records
+
+
+def apply_sampler_file(bench, args: argparse.Namespace) -> dict | None:
+    """Give a diffusion bench's pipeline the ``--sampler`` / ``--sampler-set`` settings; returns their record.
+
+    ``None`` when neither is given or the method has no sampler (CycleGAN). The NFE is recomputed from the new
+    settings. A scheduler from the file becomes the pipeline's default (a ``reference``-preset pipeline samples
+    with DDPM whatever its default, as ``RestorationPipeline.make_sampler`` does).
+
+    Raises:
+        SystemExit: The settings are refused for this method (e.g. RePaint jumps with DPM-Solver++).
+    """
+    spec, fields = getattr(args, "sampler_spec", None), getattr(args, "sampler_fields", None) or {}
+    pipeline = getattr(bench, "pipeline", None)
+    if (spec is None and not fields) or pipeline is None:
+        if spec is not None or fields:
+            log.info("%s has no sampler: --sampler/--sampler-set do not apply to it", bench.name)
+        return None
+    try:
+        config, scheduler = apply_sampler(pipeline.sampler_config, spec, fields)
+        pipeline.sampler_config = config
+        pipeline.scheduler_name = scheduler or pipeline.scheduler_name
+        bench.nfe = pipeline.make_sampler().expected_nfe()
+    except ValueError as err:
+        raise SystemExit(f"error: {bench.name}: sampler settings refused ({' '.join(str(err).split())})") from None
+    log.info("%s: sampler %s (NFE %d)", bench.name, config, bench.nfe)
+    return sampler_record(args.sampler, spec, sampler_kwargs(spec, fields))
 
 
 def measure_peaks(precisions: list[str], device: torch.device, size: int, seconds: float, when: str) -> dict[str, dict]:

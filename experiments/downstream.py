@@ -16,6 +16,9 @@ Usage::
     # the paper's data (densenet121, 50 epochs; a GPU is advisable)
     python -m experiments.downstream --out outputs/crc --data train=NCT-CRC-HE-100K,test=CRC-VAL-HE-7K \
         --classifier densenet121 --pretrained true --image-size 224 --epochs 50 --device cuda
+    # the latent pipeline with the settings of one sampler ablation row
+    python -m experiments.downstream --out outputs/d4 --methods identity,latent --model outputs/pipe \
+        --sampler experiments/configs/sampler/steps_4.yaml
     # reuse a trained classifier
     python -m experiments.downstream --out outputs/d2 --classifier-checkpoint outputs/downstream/checkpoints/X.ckpt
 
@@ -56,6 +59,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma list of registered restoration methods; NAME=DIR gives one its own model folder")
     p.add_argument("--model", type=Path, help="pipeline folder for the latent methods")
     p.add_argument("--steps", type=int, help="sampling steps for diffusion methods (default: the pipeline's)")
+    p.add_argument("--sampler", type=Path, metavar="FILE",
+                   help="sampler settings file (experiments/configs/sampler/*.yaml) for the methods with a sampler; "
+                        "--steps and --sampler-set win over it")
+    p.add_argument("--sampler-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="set one SamplerConfig field (YAML value) for the methods with a sampler; repeatable")
     p.add_argument("--epochs", type=int, help="training epochs (default 4; 3 with --quick)")
     p.add_argument("--quick", action="store_true", help="tiny run for tests and smoke checks (about a minute)")
     p.add_argument("--classifier", default="tf_efficientnet_lite0", help="timm model name")
@@ -77,7 +85,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--n-boot", type=int, default=2000)
     p.add_argument("--wandb", action="store_true", help="log to wandb (offline unless WANDB_MODE=online)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    try:
+        args.sampler_spec, args.sampler_kwargs = resolve_sampler(args)
+    except ValueError as err:
+        p.error(str(err))
+    return args
+
+
+def resolve_sampler(args: argparse.Namespace):
+    """``(--sampler file content or None, effective restore keyword arguments)`` for the methods with a sampler.
+
+    Raises:
+        ValueError: A bad sampler file or ``--sampler-set``, or sampler settings but no method with a sampler.
+    """
+    from lightning_modules.components.restorer import parse_method_specs
+    from lightning_modules.components.sampler_files import (
+        load_sampler_file,
+        merge_cli_overrides,
+        parse_sampler_sets,
+        sampler_kwargs,
+    )
+
+    spec = None if args.sampler is None else load_sampler_file(args.sampler)
+    fields = merge_cli_overrides({"num_steps": args.steps or None}, parse_sampler_sets(args.sampler_set))
+    if spec is not None or args.sampler_set:
+        from experiments.restore import has_sampler
+
+        if not any(has_sampler(m, model) for m, model in parse_method_specs(args.methods, args.model).items()):
+            raise ValueError(f"--sampler/--sampler-set: none of --methods {args.methods} has a diffusion sampler "
+                             "(a pipeline folder); drop them or add a latent or artifusion method")
+    return spec, sampler_kwargs(spec, fields)
 
 
 # ----------------------------------------------------------------------------------------------------------- data
@@ -330,7 +368,7 @@ def evaluate(module, dataset, restorers: dict, *, args: argparse.Namespace) -> d
             examples = {"clean": clean_t[:4], "artifact": corrupted_t[:4]}
         for method, restorer in restorers.items():
             generator = torch.Generator(device="cpu").manual_seed(args.seed * 100003 + start)
-            extra = {"num_steps": args.steps} if args.steps and hasattr(restorer, "make_sampler") else {}
+            extra = dict(args.sampler_kwargs) if hasattr(restorer, "make_sampler") else {}
             # restorers run at the synthesis resolution (their models' tile size), the classifier at its input size
             outs, fails = _restore_batch(restorer, big_t.to(device), big_mask_t.to(device), batch_names, generator,
                                          **extra)
@@ -453,6 +491,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     restorers = {}
     for m, model in specs.items():  # build first: a bad method name or missing --model fails before any training
         restorers[m] = build_restorer(m, model=model, device=args.device)
+    sampler = _sampler_config(args, restorers)
     dm = build_datamodule(args)
     dm.setup("fit")
     logger = _logger(args) if args.classifier_checkpoint is None or args.wandb else None
@@ -482,7 +521,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "eval_seconds": eval_seconds,
             "config": {"data": args.data, "classifier": args.classifier, "pretrained": str(_pretrained(args)),
                        "stain_norm": not args.no_stain_norm, "image_size": dm.image_size, "methods": methods,
-                       "quick": args.quick, "seed": args.seed},
+                       "quick": args.quick, "seed": args.seed, "sampler_file": sampler},
             "figures": [],
         }
         conditions = [("clean", result["clean"]), ("artifact", result["artifact"])]
@@ -505,6 +544,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             import wandb
 
             wandb.finish()
+
+
+def _sampler_config(args: argparse.Namespace, restorers: dict) -> dict:
+    """Log which methods take the sampler settings; returns the sampler file record (with ``applied_to``)."""
+    from lightning_modules.components.sampler_files import sampler_record
+
+    applied = [m for m, r in restorers.items() if hasattr(r, "make_sampler")]
+    if args.sampler is not None or args.sampler_set:
+        others = [m for m in restorers if m not in applied]
+        log.info("sampler settings %s apply to %s%s", args.sampler or "from --sampler-set", ", ".join(applied),
+                 f"; not to {', '.join(others)} (no sampler)" if others else "")
+    return {**sampler_record(args.sampler, args.sampler_spec, args.sampler_kwargs), "applied_to": applied}
 
 
 def _log_wandb(logger, result: dict, out: Path) -> None:

@@ -14,6 +14,10 @@ the first method, seconds per tile and NFE, skipped files), ``OUT/report.md`` an
 tiles per method). Metrics are the standard ones (float, data range 255 on the 0-255 scale); ``--paper-compatible``
 adds the authors' data-range variants as separate, ``paper_``-prefixed rows (docs/METHOD.md section 7). ``--wandb``
 also logs a table and the grid (offline unless the user has a key and sets WANDB_MODE=online).
+
+In run mode ``--sampler FILE`` (``experiments/configs/sampler/*.yaml``) and ``--sampler-set KEY=VALUE`` are forwarded
+to every method that restores with a pipeline (the others are named in a log line); ``summary.json`` records the
+file, its content and each method's effective overrides under ``sampler_file``.
 """
 
 import argparse
@@ -44,6 +48,7 @@ from experiments.report import (
 )
 from experiments.scoring import iter_scores, match_names
 from lightning_modules.components.restorer import available_restorers, parse_method_specs
+from lightning_modules.components.sampler_files import load_sampler_file, parse_sampler_sets
 
 log = logging.getLogger("experiments.evaluate")
 
@@ -61,6 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "folder, e.g. identity,telea,latent,artifusion=runs/af/pipeline,cyclegan=runs/cg/generator")
     p.add_argument("--model", type=Path, help="model folder for methods listed without =DIR (the latent pipeline)")
     p.add_argument("--steps", type=int, help="sampling steps for diffusion methods, >= 1")
+    p.add_argument("--sampler", type=Path, metavar="FILE",
+                   help="sampler settings file (experiments/configs/sampler/*.yaml) for every method with a sampler; "
+                        "--steps and --sampler-set win over it")
+    p.add_argument("--sampler-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="set one SamplerConfig field (YAML value) for every method with a sampler; repeatable")
     p.add_argument("--batch-size", type=int, default=4, help="tiles per model call, >= 1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -106,7 +116,11 @@ def validate_args(args: argparse.Namespace) -> tuple[dict, dict]:
                 if model is None:
                     raise CLIError(f"--methods: {method} needs a model folder: pass --model DIR or {method}=DIR")
                 check_input_folder(model, f"--methods {method}: model folder")
+        check_sampler_args(args, methods)
     else:
+        if args.sampler is not None or args.sampler_set:
+            raise CLIError("--sampler and --sampler-set are for run mode (--data/--methods); score mode only reads "
+                           "folders")
         if args.clean is None or args.masks is None or not args.restored:
             raise CLIError("score mode needs --clean, --masks and --restored NAME=DIR (or use --data/--methods)")
         check_input_folder(args.clean, "--clean")
@@ -125,13 +139,47 @@ def validate_args(args: argparse.Namespace) -> tuple[dict, dict]:
     return methods, restored
 
 
+def sampler_methods(methods: dict) -> list[str]:
+    """The methods that restore with a pipeline, so that ``--sampler`` / ``--sampler-set`` apply to them."""
+    from experiments.restore import has_sampler
+
+    return [m for m, model in methods.items() if has_sampler(m, model)]
+
+
+def check_sampler_args(args: argparse.Namespace, methods: dict) -> None:
+    """Validate ``--sampler`` / ``--sampler-set`` before any model loads and say which methods they apply to."""
+    if args.sampler is None and not args.sampler_set:
+        return
+    try:
+        if args.sampler is not None:
+            load_sampler_file(args.sampler)
+        parse_sampler_sets(args.sampler_set)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    applied = sampler_methods(methods)
+    if not applied:
+        raise CLIError(f"--sampler/--sampler-set: none of --methods {args.methods} has a diffusion sampler (a "
+                       "pipeline folder); drop them or add a latent or artifusion method")
+    others = [m for m in methods if m not in applied]
+    log.warning("sampler settings %s apply to %s%s", args.sampler or "from --sampler-set", ", ".join(applied),
+                f"; not to {', '.join(others)} (no sampler)" if others else "")
+
+
+def _sampler_argv(args: argparse.Namespace) -> list[str]:
+    """``restore`` arguments forwarding ``--sampler`` and every ``--sampler-set``."""
+    argv = ["--sampler", str(args.sampler)] if args.sampler is not None else []
+    return argv + [a for item in args.sampler_set for a in ("--sampler-set", item)]
+
+
 def run_methods(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, dict]]:
     """Restore ``--data/corrupted`` with every method into ``OUT/restored/NAME``; returns folders and timings."""
     from experiments.restore import parse_args as restore_args
     from experiments.restore import restore_folder
 
     folders, timings = {}, {}
-    for method, model in parse_method_specs(args.methods, args.model).items():
+    methods = parse_method_specs(args.methods, args.model)
+    with_sampler = sampler_methods(methods)
+    for method, model in methods.items():
         out = args.out / "restored" / method
         argv = ["--method", method, "--images", str(args.data / "corrupted"), "--masks", str(args.data / "masks"),
                 "--out", str(out), "--batch-size", str(args.batch_size), "--seed", str(args.seed),
@@ -140,6 +188,8 @@ def run_methods(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, di
             argv += ["--model", str(model)]
         if args.steps is not None and method.startswith("latent"):
             argv += ["--steps", str(args.steps)]
+        if method in with_sampler:
+            argv += _sampler_argv(args)
         argv += ["--force"] * args.force + ["--debug"] * args.debug
         stats = restore_folder(restore_args(argv))
         folders[method] = out
@@ -156,6 +206,7 @@ def run_methods(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, di
             "device": args.device,
             "precision": args.precision,
             "batch_size": args.batch_size,
+            "sampler_file": stats["sampler"] if method in with_sampler else None,
         }
     return folders, timings
 
@@ -205,7 +256,8 @@ def _main(argv: list[str]) -> int:
     methods = list(restored)
     references = [r.strip() for r in args.references.split(",") if r.strip() in methods]
     summary = summarize(rows, methods, seed=args.seed, references=references)
-    summary.update({"timings": timings, "skipped": [{"file": f, "reason": r} for f, r in skipped],
+    summary.update({"timings": timings, "sampler_file": sampler_summary(args, timings),
+                    "skipped": [{"file": f, "reason": r} for f, r in skipped],
                     "images": len(names),
                     "mode": "standard" + (" + paper-compatible" if args.paper_compatible else "")})
     manifest = (args.data / "manifest.json") if args.data is not None else args.clean.parent / "manifest.json"
@@ -234,6 +286,17 @@ def _main(argv: list[str]) -> int:
         raise CLIError(f"method(s) {', '.join(empty)} scored none of the {len(names)} images (reasons above); the "
                        "report covers the others", code=1)
     return 0
+
+
+def sampler_summary(args: argparse.Namespace, timings: dict[str, dict]) -> dict | None:
+    """The sampler file (path and content), the ``--sampler-set`` fields and each method's effective overrides."""
+    if getattr(args, "sampler", None) is None and not getattr(args, "sampler_set", None):
+        return None
+    records = {m: t["sampler_file"] for m, t in timings.items() if t.get("sampler_file")}
+    spec = next((r["spec"] for r in records.values()), None)
+    return {"file": None if args.sampler is None else str(args.sampler), "spec": spec,
+            "set": parse_sampler_sets(args.sampler_set), "applied_to": list(records),
+            "overrides": {m: r["overrides"] for m, r in records.items()}}
 
 
 def realism_scores(clean: Path, masks: Path, restored: dict[str, Path], names: list[str],

@@ -19,9 +19,14 @@ segmenter``; the demo writes ``outputs/demo/artifact_segmenter``) predicts each 
 ``--mask-threshold``, default the segmenter's), which is written next to its output as ``OUT/<relpath>.mask.png``
 (255 = artifact, the pixels the method may change) and used for the restoration.
 
+``--sampler FILE`` takes the sampler settings from a file (``experiments/configs/sampler/*.yaml``: one per preset
+and per sampler ablation row, see ``lightning_modules/components/sampler_files.py``); ``--steps``, ``--preset``,
+``--scheduler``, ``--strength`` and ``--sampler-set KEY=VALUE`` (any other ``SamplerConfig`` field) win over it.
+Methods without a sampler (identity, telea, ns, cyclegan) refuse both.
+
 Outputs are PNGs written atomically. ``OUT/restore_manifest.json`` records the method, the model's fingerprint, the
-sampler overrides, seed, batch size, mask convention (with ``--masks auto``: the segmenter's fingerprint and
-threshold), precision and code version: a rerun with the same settings
+sampler overrides (and the sampler file's path and content), seed, batch size, mask convention (with ``--masks
+auto``: the segmenter's fingerprint and threshold), precision and code version: a rerun with the same settings
 resumes (zero-byte or undecodable outputs are redone), other settings are refused unless you pass ``--force`` (redo
 every file) or a new ``--out``. A bad image or mask is skipped and the run goes on; the summary counts restored,
 resumed and skipped files, with the reasons (also in ``OUT/skipped.tsv``). Exit status: 0 when files were restored or
@@ -73,6 +78,15 @@ from experiments.cli_errors import (
 )
 from experiments.scoring import index_images
 from lightning_modules.components.restorer import RESTORERS, available_restorers, build_restorer
+from lightning_modules.components.sampler_files import (
+    SamplerSpec,
+    check_overrides,
+    load_sampler_file,
+    merge_cli_overrides,
+    parse_sampler_sets,
+    sampler_kwargs,
+    sampler_record,
+)
 from lightning_modules.components.segmenters import load_segmenter, read_segmenter_meta, segment_images
 
 log = logging.getLogger("experiments.restore")
@@ -99,6 +113,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", choices=("repaint", "reference"), help="sampler preset (default: the pipeline's)")
     p.add_argument("--scheduler", choices=("ddpm", "ddim", "dpmsolver++"), help="sampling scheduler")
     p.add_argument("--strength", type=float, help="in (0, 1]: start at strength x T (1 = full regeneration)")
+    p.add_argument("--sampler", type=Path, metavar="FILE",
+                   help="sampler settings file (experiments/configs/sampler/*.yaml); --steps, --preset, --scheduler, "
+                        "--strength and --sampler-set win over it")
+    p.add_argument("--sampler-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="set one SamplerConfig field (YAML value), e.g. --sampler-set feather=4; repeatable")
     p.add_argument("--batch-size", type=int, default=4, help="tiles per model call, >= 1 (part of the settings)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -115,6 +134,47 @@ def uses_model(method: str) -> bool:
     """Whether a registered method loads a model folder (its factory takes ``model``)."""
     available_restorers()
     return "model" in inspect.signature(RESTORERS[method]).parameters
+
+
+def has_sampler(method: str, model: Path | None) -> bool:
+    """Whether a method restores with an exported pipeline (and so takes sampler settings), judged before loading.
+
+    Pipelines are the folders with a ``pipeline.json`` (``save_pipeline``); classical methods and CycleGAN have none.
+    """
+    return uses_model(method) and model is not None and (Path(model) / "pipeline.json").is_file()
+
+
+def sampler_requested(args: argparse.Namespace) -> bool:
+    """Whether ``--sampler`` or ``--sampler-set`` was given."""
+    return getattr(args, "sampler", None) is not None or bool(getattr(args, "sampler_set", None))
+
+
+def resolve_sampler(args: argparse.Namespace) -> tuple[SamplerSpec | None, dict]:
+    """The ``--sampler`` file's content and the effective ``restore`` keyword arguments (file, then the flags).
+
+    Raises:
+        CLIError: An unreadable or invalid file, a bad ``--sampler-set``, or settings that contradict each other.
+    """
+    path = getattr(args, "sampler", None)
+    try:
+        spec = None if path is None else load_sampler_file(path)
+        fields = merge_cli_overrides({"num_steps": args.steps, "strength": args.strength},
+                                     parse_sampler_sets(getattr(args, "sampler_set", None)))
+        kwargs = sampler_kwargs(spec, {"preset": args.preset, "scheduler": args.scheduler, **fields})
+        source = "sampler settings" + (f" of {path} and the command line" if path is not None else "")
+        check_overrides({k: v for k, v in kwargs.items() if k not in ("preset", "scheduler")}, source=source,
+                        base=kwargs.get("preset"))
+    except ValueError as err:
+        raise CLIError(one_line(err)) from None
+    return spec, kwargs
+
+
+def check_sampler_method(args: argparse.Namespace) -> None:
+    """Refuse ``--sampler`` / ``--sampler-set`` for a method that has no sampler (classical methods, CycleGAN)."""
+    if sampler_requested(args) and not has_sampler(args.method, args.model):
+        raise CLIError(f"--method {args.method} has no diffusion sampler, so --sampler and --sampler-set do not "
+                       "apply; drop them, or use a method with an exported pipeline (latent, latent-conditional, "
+                       "latent-reference, artifusion)")
 
 
 def auto_masks(args: argparse.Namespace) -> bool:
@@ -144,8 +204,12 @@ def check_mask_model(args: argparse.Namespace) -> None:
         raise CLIError(f"--mask-threshold must be in (0, 1), got {threshold}")
 
 
-def validate_args(args: argparse.Namespace) -> None:
-    """Check every value before a model is loaded; raises CLIError naming the flag and what to pass."""
+def validate_args(args: argparse.Namespace) -> tuple[SamplerSpec | None, dict]:
+    """Check every value before a model is loaded; raises CLIError naming the flag and what to pass.
+
+    Returns:
+        The ``--sampler`` file's content (or None) and the effective sampler overrides (see :func:`resolve_sampler`).
+    """
     methods = available_restorers()
     if args.method not in methods:
         raise CLIError(f"--method {args.method!r} is unknown; choose one of {', '.join(methods)}")
@@ -166,6 +230,9 @@ def validate_args(args: argparse.Namespace) -> None:
     for flag, folder in (("--images", args.images), ("--masks", None if auto_masks(args) else args.masks)):
         if folder is not None and out == folder.resolve():
             raise CLIError(f"--out {args.out} is the {flag} folder: outputs would replace inputs; pass another folder")
+    sampler = resolve_sampler(args)
+    check_sampler_method(args)
+    return sampler
 
 
 def pair_files(
@@ -345,11 +412,12 @@ def model_fingerprint(folder: Path) -> str:
     return h.hexdigest()[:20]
 
 
-def run_settings(args: argparse.Namespace) -> dict:
+def run_settings(args: argparse.Namespace, spec: SamplerSpec | None = None) -> dict:
     """What makes the outputs what they are: a rerun into the same ``--out`` must match all of it to resume.
 
     With ``--masks auto`` the segmenter's fingerprint and threshold are part of it (both ``None`` with mask files,
-    so manifests written before ``--masks auto`` existed still match).
+    so manifests written before ``--masks auto`` existed still match); so are the ``--sampler`` file's content
+    (``spec``) and the ``--sampler-set`` fields (``None`` without them, likewise).
     """
     auto = auto_masks(args)
     threshold = None
@@ -361,7 +429,8 @@ def run_settings(args: argparse.Namespace) -> dict:
         "method": args.method,
         "model_fingerprint": model_fingerprint(args.model) if uses_model(args.method) else None,
         "sampler": {"steps": args.steps, "strength": args.strength, "preset": args.preset,
-                    "scheduler": args.scheduler},
+                    "scheduler": args.scheduler, "file": None if spec is None else spec.to_dict(),
+                    "set": parse_sampler_sets(getattr(args, "sampler_set", None)) or None},
         "seed": args.seed,
         "batch_size": args.batch_size,
         "mask_convention": args.mask_convention,
@@ -383,7 +452,9 @@ def check_manifest(out: Path, settings: dict, force: bool) -> dict:
         except (OSError, ValueError):
             raise CLIError(f"{path} is unreadable; use a new --out, or --force to redo every file") from None
         before, now = _flat(old), _flat(settings)
-        diffs = [f"{k} {before.get(k)!r} -> {v!r}" for k, v in now.items() if before.get(k) != v]
+        # keys of either side count (a sampler file's fields exist in one manifest only), earlier runs' extras not
+        keys = [*now, *(k for k in before if k not in now and k.split(".")[0] in settings)]
+        diffs = [f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in keys if before.get(k) != now.get(k)]
         if diffs:
             raise CLIError(f"{out} holds outputs of other settings ({'; '.join(diffs)}); use a new --out, or --force "
                            "to redo every file with these settings")
@@ -441,13 +512,13 @@ def restore_folder(args: argparse.Namespace) -> dict:
     Returns:
         ``{"done": tiles written now, "resumed": tiles already there, "skipped": [(file, reason)], "pairs": paired
         files, "seconds": wall time, "nfe": NFE per tile, "timing": {"seconds", "tiles"} over every run of these
-        settings}``.
+        settings, "sampler": {"file", "spec", "overrides"} (the sampler file and the overrides restore got)}``.
 
     Raises:
         CLIError: A bad argument, nothing paired, an ambiguous name, an output folder of other settings, or Ctrl-C.
     """
     debug = getattr(args, "debug", False) or debug_requested([])
-    validate_args(args)
+    spec, sampler_kw = validate_args(args)
     auto = auto_masks(args)
     pairs, skipped = pair_files(args.images, None if auto else args.masks, exclude=args.out)
     if auto:
@@ -459,12 +530,13 @@ def restore_folder(args: argparse.Namespace) -> dict:
         raise CLIError(f"nothing to restore: no image in {args.images} has a mask with the same relative path in "
                        f"{args.masks}{why}", code=1)
     check_output_folder(args.out)
-    settings = run_settings(args)
+    settings = run_settings(args, spec)
     timing = check_manifest(args.out, settings, args.force)
     restorer = build_restorer(args.method, model=args.model, device=args.device, precision=args.precision)
     segmenter = load_mask_model(args) if auto else None
-    overrides = {"num_steps": args.steps, "strength": args.strength, "preset": args.preset, "scheduler": args.scheduler}
-    kwargs = {k: v for k, v in overrides.items() if v is not None} if hasattr(restorer, "make_sampler") else {}
+    if sampler_requested(args) and not hasattr(restorer, "make_sampler"):
+        raise CLIError(f"--method {args.method} has no diffusion sampler, so --sampler and --sampler-set do not apply")
+    kwargs = sampler_kw if hasattr(restorer, "make_sampler") else {}
     nfe = getattr(restorer, "nfe", 0)
     if hasattr(restorer, "make_sampler"):
         try:
@@ -473,8 +545,9 @@ def restore_folder(args: argparse.Namespace) -> dict:
             raise CLIError(f"sampler settings rejected: {one_line(err)}") from None
     unit, tile = tile_geometry(restorer)
     timing = {"seconds": float(timing.get("seconds", 0.0)), "tiles": int(timing.get("tiles", 0))}
+    record = sampler_record(getattr(args, "sampler", None), spec, kwargs)
     manifest = {**settings, "model": str(args.model) if settings["model_fingerprint"] else None,
-                "mask_model": str(args.mask_model) if auto else None, "timing": timing}
+                "mask_model": str(args.mask_model) if auto else None, "sampler_file": record, "timing": timing}
     _write_json(args.out / MANIFEST, manifest)
 
     stats = {"done": 0, "resumed": 0, "computed": 0, "padded": 0, "windowed": 0}
@@ -501,7 +574,7 @@ def restore_folder(args: argparse.Namespace) -> dict:
             _write_json(args.out / MANIFEST, {**manifest, "timing": timing})
     _print_summary(args, stats, skipped, elapsed, nfe, unit, tile)
     return {"done": stats["done"], "resumed": stats["resumed"], "skipped": skipped, "pairs": len(pairs),
-            "seconds": elapsed, "nfe": nfe, "timing": timing}
+            "seconds": elapsed, "nfe": nfe, "timing": timing, "sampler": record}
 
 
 def _predict_masks(segmenter, loaded: list, args: argparse.Namespace, skipped: list, stats: dict, debug: bool) -> list:
