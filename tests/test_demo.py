@@ -58,9 +58,16 @@ def test_demo_quick_runs_the_segmenter_stage_once_and_reports_its_dice(tmp_path,
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "downstream.json").write_text("{}")
 
+    refiner_calls = []
+
+    def train_refiner(out, s):
+        refiner_calls.append(s.refiner_steps)
+        (out / "pipeline_conditional" / "refiner").mkdir(parents=True, exist_ok=True)
+
     for name in ("train_vae", "train_latent", "train_conditional"):
         monkeypatch.setattr(demo, name, lambda out, s: None)
     monkeypatch.setattr(demo, "train_segmenter", train_segmenter)
+    monkeypatch.setattr(demo, "train_refiner", train_refiner)
     monkeypatch.setattr(gallery, "main", lambda argv: 0)
     monkeypatch.setattr(evaluate, "main", lambda argv: 0)
     monkeypatch.setattr(ceilings, "main", lambda argv: 0)
@@ -78,6 +85,10 @@ def test_demo_quick_runs_the_segmenter_stage_once_and_reports_its_dice(tmp_path,
     capsys.readouterr()
     assert demo.main(argv) == 0
     assert calls == [demo.DemoSettings.quick().segmenter_steps], "done before with the same settings: skipped"
+    assert len(refiner_calls) == 1
+    (out / "pipeline_conditional" / "refiner").rmdir()
+    assert demo.main(argv) == 0
+    assert len(refiner_calls) == 2, "a re-exported pipeline without its refiner/ reruns the refiner stage"
     assert "train artifact segmenter + export artifact_segmenter: done before" in capsys.readouterr().out
 
 
