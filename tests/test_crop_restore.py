@@ -245,3 +245,24 @@ def test_restore_command_with_crop(crop_pipeline, tmp_path, he_tiles):
         assert np.array_equal(out, inp) if i else not np.array_equal(out[mask], inp[mask])
     manifest = json.loads((tmp_path / "out" / "restore_manifest.json").read_text())
     assert "crop" in json.dumps(manifest)
+
+
+def test_crop_bound_command_compares_crop_with_the_full_path(crop_pipeline, tmp_path, he_tiles):
+    from experiments import crop_bound
+
+    for i, box in enumerate([(4, 4, 10, 10), (30, 20, 30, 40)]):
+        clean = he_tiles[i][:SIZE, :SIZE]
+        mask = _mask(SIZE, box)[0].numpy().astype(bool)
+        corrupted = clean.copy()
+        corrupted[mask] = 20
+        write_image_atomic(tmp_path / "set" / "clean" / f"t{i}.png", clean)
+        write_image_atomic(tmp_path / "set" / "corrupted" / f"t{i}.png", corrupted)
+        write_mask_atomic(tmp_path / "set" / "masks" / f"t{i}.png", mask)
+    out = tmp_path / "bound.json"
+    assert crop_bound.main(["--pipelines", str(crop_pipeline), "--data", str(tmp_path / "set"), "--margins", "8",
+                            "--batch-size", "2", "--json", str(out)]) == 0
+    rows = {r["config"]: r for r in json.loads(out.read_text()) if r["record"] == "crop"}
+    assert set(rows) == {"full", "full, other seed", "crop, margin 8"}
+    crop, tiles = rows["crop, margin 8"], [r for r in json.loads(out.read_text()) if r["record"] == "crop_tile"]
+    assert rows["full"]["psnr_artifact_delta"] == 0 and crop["fallback_share"] == 0.5, "the large mask falls back"
+    assert crop["window_fraction"] == (0.25 + 1) / 2 and crop["how"] == "measured" and len(tiles) == 6
