@@ -119,6 +119,37 @@ def compare(pipe: RestorationPipeline, tiles: EvalTiles, rows: list[tuple[str, d
     return out
 
 
+def border_profile(pipe: RestorationPipeline, tiles: EvalTiles, *, window: int, bin_px: int) -> list[dict]:
+    """How far into a crop the VAE's reconstruction feels the crop's border: ``vae_border`` records.
+
+    Every tile's centre ``window`` px square and the whole tile are encoded (posterior mean) and decoded; inside the
+    square the two reconstructions are compared (mean absolute difference on the 0-255 scale) in bands of ``bin_px``
+    pixels by distance to the square's border. The distance at which the difference stops falling is the effective
+    context the VAE needs, i.e. the crop margin that buys nothing more.
+    """
+    height, width = tiles.corrupted.shape[-2:]
+    if pipe.codec is None or window >= min(height, width) or window % pipe.factor:
+        return []
+    device = next(pipe.unet.parameters()).device
+    top, left = (height - window) // 2 // pipe.factor * pipe.factor, (width - window) // 2 // pipe.factor * pipe.factor
+    ys, xs = torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")
+    distance = torch.minimum(torch.minimum(ys, xs), torch.minimum(window - 1 - ys, window - 1 - xs))
+    totals: dict[int, list[float]] = {}
+    with torch.no_grad():
+        for x in tiles.corrupted.split(8):
+            x = x.to(device)
+            full = pipe.codec.decode(pipe.codec.encode(x, sample=False))[..., top : top + window, left : left + window]
+            crop = x[..., top : top + window, left : left + window]
+            part = pipe.codec.decode(pipe.codec.encode(crop, sample=False))
+            diff = ((full - part).abs().float() * 127.5).mean(dim=1).cpu()  # (b, window, window)
+            for band in range(0, window // 2, bin_px):
+                inside = (distance >= band) & (distance < band + bin_px)
+                totals.setdefault(band, []).extend(diff[:, inside].mean(dim=1).tolist())
+    return [{"record": "vae_border", "method": pipe.name, "evalset": tiles.name, "window": window,
+             "distance_px": [band, band + bin_px], "mean_abs_diff_255": statistics.fmean(v), "tiles": len(v)}
+            for band, v in sorted(totals.items())]
+
+
 def summarise(tile_records: list[dict], *, precision: str, batch_size: int) -> list[dict]:
     """One ``crop`` record per (method, config): mean PSNR delta to the full path, speed-up, fallback share."""
     full = {(r["method"], r["evalset"], r["tile"]): r for r in tile_records if r["config"] == FULL}
@@ -160,6 +191,17 @@ def table(records: list[dict]) -> str:
     return markdown_table(header, rows)
 
 
+def profile_table(records: list[dict]) -> str:
+    """Markdown table of ``vae_border`` records: one row per method and evaluation set, one column per band."""
+    bands = sorted({tuple(r["distance_px"]) for r in records})
+    rows: dict[tuple[str, str], dict] = {}
+    for r in records:
+        rows.setdefault((r["method"], r["evalset"]), {})[tuple(r["distance_px"])] = r["mean_abs_diff_255"]
+    header = ["VAE of", "evalset", *(f"{a}-{b} px" for a, b in bands)]
+    return markdown_table(header, [[m, e, *(f"{v.get(b, float('nan')):.2f}" for b in bands)]
+                                   for (m, e), v in rows.items()])
+
+
 def _ints(text: str) -> list[int]:
     values = [int(v) for v in text.split(",") if v.strip()]
     if not values or min(values) < 0:
@@ -180,6 +222,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--border-window", type=int, default=128,
+                   help="side of the centre square of the VAE border profile; 0 skips it (default 128)")
     p.add_argument("--json", type=Path, default=None, help="write every record to this JSON file")
     args = p.parse_args(argv)
     if args.batch_size < 1 or not 0 < args.max_fraction <= 1:
@@ -196,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     evalsets = [load_evalset(Path(d)) for d in args.data.split(",") if d]
     tile_records: list[dict] = []
+    profiles: list[dict] = []
     for folder in (f for f in args.pipelines.split(",") if f):
         pipe = RestorationPipeline.from_pretrained(folder, device=device, precision=args.precision)
         log.info("%s (%s): unit %d px, sampler %s", pipe.name, folder, pipe.unit, pipe.sampler_config)
@@ -205,9 +250,14 @@ def main(argv: list[str] | None = None) -> int:
                                     max_fraction=args.max_fraction)
             log.info("%s on %s: %d tiles in %.0f s", pipe.name, tiles.name, len(tiles.names),
                      time.perf_counter() - start)
+            if args.border_window:
+                profiles += border_profile(pipe, tiles, window=args.border_window, bin_px=pipe.factor)
     records = [{"record": "machine", **machine_info(device)},
-               *summarise(tile_records, precision=args.precision, batch_size=args.batch_size), *tile_records]
+               *summarise(tile_records, precision=args.precision, batch_size=args.batch_size), *profiles,
+               *tile_records]
     print(f"{records[0].get('cpu_model', device)}, {torch.get_num_threads()} threads\n\n{table(records)}", flush=True)
+    if profiles:
+        print(f"\n{profile_table(profiles)}", flush=True)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(records, indent=2))

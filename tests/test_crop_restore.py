@@ -260,9 +260,11 @@ def test_crop_bound_command_compares_crop_with_the_full_path(crop_pipeline, tmp_
         write_mask_atomic(tmp_path / "set" / "masks" / f"t{i}.png", mask)
     out = tmp_path / "bound.json"
     assert crop_bound.main(["--pipelines", str(crop_pipeline), "--data", str(tmp_path / "set"), "--margins", "8",
-                            "--batch-size", "2", "--json", str(out)]) == 0
+                            "--batch-size", "2", "--border-window", "32", "--json", str(out)]) == 0
     rows = {r["config"]: r for r in json.loads(out.read_text()) if r["record"] == "crop"}
     assert set(rows) == {"full", "full, other seed", "crop, margin 8"}
     crop, tiles = rows["crop, margin 8"], [r for r in json.loads(out.read_text()) if r["record"] == "crop_tile"]
     assert rows["full"]["psnr_artifact_delta"] == 0 and crop["fallback_share"] == 0.5, "the large mask falls back"
     assert crop["window_fraction"] == (0.25 + 1) / 2 and crop["how"] == "measured" and len(tiles) == 6
+    border = [r for r in json.loads(out.read_text()) if r["record"] == "vae_border"]
+    assert [r["distance_px"] for r in border] == [[0, 8], [8, 16]] and border[0]["mean_abs_diff_255"] > 0
