@@ -33,7 +33,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
 
 from lightning_modules.components.autoencoders import LatentCodec
-from lightning_modules.components.crop import plan_windows, restore_windows
+from lightning_modules.components.crop import RestoreFn, plan_windows, restore_windows
 from lightning_modules.components.denoisers import predict
 from lightning_modules.components.refiner import PixelRefiner, load_refiner, save_refiner
 from lightning_modules.components.regional_sampler import RegionalSampler, SamplerConfig, composite, restore
@@ -386,7 +386,7 @@ class RestorationPipeline(torch.nn.Module):
         self.nfe = sampler.nfe
         return out.float()
 
-    def _latent_stage(self, sampler: RegionalSampler, generator: torch.Generator | None):
+    def _latent_stage(self, sampler: RegionalSampler, generator: torch.Generator | None) -> RestoreFn:
         """The regional sampler's restore with this pipeline's VAE (identity in pixel space) and denoiser bound.
 
         Returns:
