@@ -231,6 +231,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def write_records(path: Path | None, device: torch.device, tile_records: list[dict], profiles: list[dict],
+                  args: argparse.Namespace) -> list[dict]:
+    """Every record so far (machine, summaries, profiles, tiles), written to ``path`` (atomically) when given.
+
+    Called after each pipeline and evaluation set, so a long run that is stopped keeps what it measured.
+    """
+    records = [{"record": "machine", **machine_info(device)},
+               *summarise(tile_records, precision=args.precision, batch_size=args.batch_size), *profiles,
+               *tile_records]
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(records, indent=2))
+        tmp.replace(path)
+    return records
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: compare, print the table, write ``--json``."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -252,15 +269,12 @@ def main(argv: list[str] | None = None) -> int:
                      time.perf_counter() - start)
             if args.border_window:
                 profiles += border_profile(pipe, tiles, window=args.border_window, bin_px=pipe.factor)
-    records = [{"record": "machine", **machine_info(device)},
-               *summarise(tile_records, precision=args.precision, batch_size=args.batch_size), *profiles,
-               *tile_records]
+            write_records(args.json, device, tile_records, profiles, args)
+    records = write_records(args.json, device, tile_records, profiles, args)
     print(f"{records[0].get('cpu_model', device)}, {torch.get_num_threads()} threads\n\n{table(records)}", flush=True)
     if profiles:
         print(f"\n{profile_table(profiles)}", flush=True)
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(records, indent=2))
         print(f"\nwrote {len(records)} records to {args.json}")
     return 0
 
