@@ -77,6 +77,7 @@ from experiments.cli_errors import (
     run_main,
 )
 from experiments.scoring import index_images
+from lightning_modules.components.pipeline import denoiser_downsampling
 from lightning_modules.components.restorer import RESTORERS, available_restorers, build_restorer
 from lightning_modules.components.sampler_files import (
     SamplerSpec,
@@ -317,14 +318,7 @@ def tile_geometry(restorer) -> tuple[int, int | None]:
     """
     unet = getattr(restorer, "unet", None)
     if unet is not None and hasattr(restorer, "factor"):
-        cfg = unet.config
-        if "block_out_channels" in cfg:
-            cells = 2 ** (len(cfg["block_out_channels"]) - 1)
-        elif "patch_size" in cfg and "depths" in cfg:
-            cells = cfg["patch_size"] * 2 ** (len(cfg["depths"]) - 1) * cfg.get("window_size", 1)
-        else:
-            cells = 1
-        unit = restorer.factor * cells
+        unit = restorer.factor * denoiser_downsampling(unet)
         image_size = getattr(restorer, "image_size", None)
         return unit, (-(-image_size // unit) * unit if image_size else None)
     if type(restorer).__name__ == "CycleGANRestorer":

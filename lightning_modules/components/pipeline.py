@@ -17,7 +17,8 @@ count, scheduler, strength, ...). The same class serves pixel-space models (``ki
 the mask-conditioned restorer (``conditional: true``: the denoiser also takes the latent mask and the corrupted
 latent, see ``components/conditioning.py``). A pipeline with a ``refiner/`` runs it on the pasted-back restoration
 and pastes its output back again (``SamplerConfig.refine=False`` skips it); :func:`attach_refiner` adds one to an
-exported folder.
+exported folder. With ``SamplerConfig.crop`` only a window around each tile's mask goes through the VAE and the
+denoiser (``components/crop.py``); the refiner still sees the whole tile.
 """
 
 import contextlib
@@ -32,6 +33,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
 
 from lightning_modules.components.autoencoders import LatentCodec
+from lightning_modules.components.crop import RestoreFn, plan_windows, restore_windows
 from lightning_modules.components.denoisers import predict
 from lightning_modules.components.refiner import PixelRefiner, load_refiner, save_refiner
 from lightning_modules.components.regional_sampler import RegionalSampler, SamplerConfig, composite, restore
@@ -52,6 +54,20 @@ def unet_callable(unet: torch.nn.Module) -> callable:
         return predict(unet, x, t)
 
     return fn
+
+
+def denoiser_downsampling(unet: torch.nn.Module) -> int:
+    """How many input cells one cell of the denoiser's coarsest level covers along a side.
+
+    diffusers' ``UNet2DModel`` halves ``len(block_out_channels) - 1`` times; the Swin-UNet needs
+    ``patch_size * 2 ** (levels - 1)`` tokens times its window on every level; other networks count as 1.
+    """
+    cfg = getattr(unet, "config", None) or {}
+    if "block_out_channels" in cfg:
+        return 2 ** (len(cfg["block_out_channels"]) - 1)
+    if "patch_size" in cfg and "depths" in cfg:
+        return cfg["patch_size"] * 2 ** (len(cfg["depths"]) - 1) * cfg.get("window_size", 1)
+    return 1
 
 
 def class_path(obj) -> str:
@@ -214,6 +230,11 @@ class RestorationPipeline(torch.nn.Module):
         """Pixels per latent cell (8 for the kl-f8 VAE, 1 in pixel space)."""
         return self.codec.factor if self.codec is not None else 1
 
+    @property
+    def unit(self) -> int:
+        """Pixels every side of a restored tile (or crop window) must be a multiple of: factor x UNet downsampling."""
+        return self.factor * denoiser_downsampling(self.unet)
+
     @classmethod
     def from_pretrained(
         cls, path: str | Path, *, device: str | torch.device = "cpu", precision: str = "fp32", name: str | None = None
@@ -339,7 +360,9 @@ class RestorationPipeline(torch.nn.Module):
             generator: Seeds every random draw (same seed, same output on CPU).
             preset: ``"repaint"`` or ``"reference"`` to switch presets for this call.
             scheduler: Sampling scheduler name for this call.
-            **overrides: SamplerConfig fields, e.g. ``num_steps=25``, ``strength=0.8``, ``refine=False``.
+            **overrides: SamplerConfig fields, e.g. ``num_steps=25``, ``strength=0.8``, ``refine=False``,
+                ``crop=True`` (restore only a window around each mask, ``components/crop.py``: tiles with an empty
+                mask come back unchanged without a model call, and :attr:`nfe` is 0 when no tile needed one).
 
         Returns:
             (B, 3, H, W) in [-1, 1].
@@ -348,28 +371,49 @@ class RestorationPipeline(torch.nn.Module):
         device = next(self.unet.parameters()).device
         corrupted, artifact_mask = corrupted.to(device), artifact_mask.to(device)
         sampler = self.make_sampler(preset=preset, scheduler=scheduler, **overrides)
+        config = sampler.config
+        with self._autocast(device):
+            if config.crop:
+                windows = plan_windows(artifact_mask, margin=config.crop_margin, unit=self.unit, factor=self.factor,
+                                       max_fraction=config.crop_max_fraction)
+                out = restore_windows(self._latent_stage(sampler, generator), corrupted, artifact_mask, windows)
+                active = [i for i, window in enumerate(windows) if window is not None]
+            else:
+                out = self._latent_stage(sampler, generator)(corrupted, artifact_mask)
+                active = list(range(corrupted.shape[0]))
+            if self.refiner is not None and config.refine and active:
+                out = self._refine_tiles(corrupted, out, artifact_mask, config, active)
+        self.nfe = sampler.nfe
+        return out.float()
+
+    def _latent_stage(self, sampler: RegionalSampler, generator: torch.Generator | None) -> RestoreFn:
+        """The regional sampler's restore with this pipeline's VAE (identity in pixel space) and denoiser bound.
+
+        Returns:
+            ``fn(corrupted (B, 3, h, w) in [-1, 1], mask (B, 1, h, w) in {0, 1}) -> restored (B, 3, h, w)``.
+        """
         if self.codec is not None:
             encode = lambda x: self.codec.encode(x, generator=generator)  # noqa: E731
             decode = self.codec.decode
         else:
             encode = decode = lambda x: x  # noqa: E731
-        with self._autocast(device):
-            out = restore(
-                encode,
-                decode,
-                sampler,
-                unet_callable(self.unet),
-                corrupted,
-                artifact_mask,
-                factor=self.factor,
-                generator=generator,
-                conditional=self.conditional,
-                residual=self.residual,
-            )
-            if self.refiner is not None and sampler.config.refine:
-                out = self._refine(corrupted, out, artifact_mask, sampler.config)
-        self.nfe = sampler.nfe
-        return out.float()
+
+        def run(corrupted: torch.Tensor, artifact_mask: torch.Tensor) -> torch.Tensor:
+            return restore(encode, decode, sampler, unet_callable(self.unet), corrupted, artifact_mask,
+                           factor=self.factor, generator=generator, conditional=self.conditional,
+                           residual=self.residual)
+
+        return run
+
+    def _refine_tiles(self, corrupted: torch.Tensor, coarse: torch.Tensor, mask: torch.Tensor, config: SamplerConfig,
+                      tiles: list[int]) -> torch.Tensor:
+        """:meth:`_refine` on the whole tiles listed in ``tiles`` (all of them: one call on the batch as it is)."""
+        if len(tiles) == corrupted.shape[0]:
+            return self._refine(corrupted, coarse, mask, config)
+        index = torch.tensor(tiles, device=corrupted.device)
+        out = coarse.clone()
+        out[index] = self._refine(corrupted[index], coarse[index], mask[index], config).to(out.dtype)
+        return out
 
     def _refine(self, corrupted: torch.Tensor, coarse: torch.Tensor, mask: torch.Tensor,
                 config: SamplerConfig) -> torch.Tensor:

@@ -91,6 +91,12 @@ class SamplerConfig:
             the artifact lets light through, ``"full"`` where it absorbs it).
         refine: in a pipeline that holds a pixel refiner (``components/refiner.py``), run it on the pasted-back
             restoration (False = the latent stage alone, e.g. to ablate the refiner); ignored elsewhere.
+        crop: in ``RestorationPipeline.restore``, encode, sample and decode only a window around each tile's mask
+            and paste it back (``components/crop.py``, docs/METHOD.md section 11); needs ``paste_back``. Tiles with
+            an empty mask are returned unchanged without a model call.
+        crop_margin: pixels of context around the mask's bounding box in the crop window (before rounding the
+            window's sides up to the pipeline's unit).
+        crop_max_fraction: in ``(0, 1]``; a crop window covering more of the tile than this restores the whole tile.
     """
 
     preset: Literal["repaint", "reference"] = "repaint"
@@ -110,13 +116,16 @@ class SamplerConfig:
     steps_offset: int | None = None
     decode: Literal["full", "delta", "od-delta", "adaptive"] = "full"
     refine: bool = True
+    crop: bool = False
+    crop_margin: int = 32
+    crop_max_fraction: float = 0.6
 
     def __post_init__(self) -> None:
         for key, choices in _CHOICES.items():
             if getattr(self, key) not in choices:
                 raise ValueError(f"unknown {key} {getattr(self, key)!r}; expected one of {choices}")
         for key, low in (("num_steps", 1), ("mask_dilate", 0), ("jump_length", 0), ("jump_n_sample", 1),
-                         ("feather", 0)):
+                         ("feather", 0), ("crop_margin", 0)):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{key} must be an int >= {low}, got {value!r}")
@@ -124,8 +133,14 @@ class SamplerConfig:
             raise ValueError(f"strength must be in (0, 1], got {self.strength!r}")
         if int(self.num_steps * self.strength) < 1:
             raise ValueError(f"strength {self.strength} with num_steps {self.num_steps} runs no step")
-        if not isinstance(self.refine, bool):
-            raise ValueError(f"refine must be true or false, got {self.refine!r}")
+        for key in ("refine", "crop"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{key} must be true or false, got {getattr(self, key)!r}")
+        if self.crop and not self.paste_back:
+            raise ValueError("crop needs paste_back: outside the crop window the input is kept as it is")
+        fraction = self.crop_max_fraction
+        if isinstance(fraction, bool) or not (isinstance(fraction, int | float) and 0.0 < fraction <= 1.0):
+            raise ValueError(f"crop_max_fraction must be in (0, 1], got {fraction!r}")
         if self.eta < 0:
             raise ValueError(f"eta must be >= 0, got {self.eta!r}")
 
