@@ -99,16 +99,13 @@ def test_restore_windows_pastes_each_window_back_and_calls_once_per_size():
 
 def test_sampler_config_validates_the_crop_fields():
     assert not SamplerConfig().crop and SamplerConfig().crop_margin == 32
-    with pytest.raises(ValueError, match="paste_back"):
-        SamplerConfig(crop=True, paste_back=False)
     with pytest.raises(ValueError, match="crop_max_fraction"):
         SamplerConfig(crop_max_fraction=0)
     with pytest.raises(ValueError, match="crop_margin"):
         SamplerConfig(crop_margin=-1)
     with pytest.raises(ValueError, match="crop must be"):
         SamplerConfig(crop="yes")
-    with pytest.raises(ValueError, match="paste_back"):
-        SamplerConfig.from_preset("reference", crop=True)
+    assert SamplerConfig.from_preset("reference", crop=True).crop, "kept, but ignored without paste_back"
 
 
 # ------------------------------------------------------------------------------------------------ the pipeline
@@ -268,3 +265,10 @@ def test_crop_bound_command_compares_crop_with_the_full_path(crop_pipeline, tmp_
     assert crop["window_fraction"] == (0.25 + 1) / 2 and crop["how"] == "measured" and len(tiles) == 6
     border = [r for r in json.loads(out.read_text()) if r["record"] == "vae_border"]
     assert [r["distance_px"] for r in border] == [[0, 8], [8, 16]] and border[0]["mean_abs_diff_255"] > 0
+
+
+def test_crop_is_ignored_without_paste_back(crop_pipeline):
+    pipe = RestorationPipeline.from_pretrained(crop_pipeline)
+    x, mask = _batch(_mask(SIZE, (4, 6, 10, 12)), _mask(SIZE))
+    reference = _restore(pipe, x, mask, paste_back=False, crop=False)
+    assert torch.equal(_restore(pipe, x, mask, paste_back=False), reference), "the whole tile, as without crop"

@@ -373,7 +373,7 @@ class RestorationPipeline(torch.nn.Module):
         sampler = self.make_sampler(preset=preset, scheduler=scheduler, **overrides)
         config = sampler.config
         with self._autocast(device):
-            if config.crop:
+            if config.crop and config.paste_back:
                 windows = plan_windows(artifact_mask, margin=config.crop_margin, unit=self.unit, factor=self.factor,
                                        max_fraction=config.crop_max_fraction)
                 out = restore_windows(self._latent_stage(sampler, generator), corrupted, artifact_mask, windows)

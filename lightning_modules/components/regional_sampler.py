@@ -92,8 +92,9 @@ class SamplerConfig:
         refine: in a pipeline that holds a pixel refiner (``components/refiner.py``), run it on the pasted-back
             restoration (False = the latent stage alone, e.g. to ablate the refiner); ignored elsewhere.
         crop: in ``RestorationPipeline.restore``, encode, sample and decode only a window around each tile's mask
-            and paste it back (``components/crop.py``, docs/METHOD.md section 11); needs ``paste_back``. Tiles with
-            an empty mask are returned unchanged without a model call.
+            and paste it back (``components/crop.py``, docs/METHOD.md section 11). Tiles with an empty mask are
+            returned unchanged without a model call. Ignored without ``paste_back`` (the ``reference`` preset), whose
+            output outside the mask is the VAE's reconstruction of the whole tile.
         crop_margin: pixels of context around the mask's bounding box in the crop window (before rounding the
             window's sides up to the pipeline's unit).
         crop_max_fraction: in ``(0, 1]``; a crop window covering more of the tile than this restores the whole tile.
@@ -136,8 +137,6 @@ class SamplerConfig:
         for key in ("refine", "crop"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"{key} must be true or false, got {getattr(self, key)!r}")
-        if self.crop and not self.paste_back:
-            raise ValueError("crop needs paste_back: outside the crop window the input is kept as it is")
         fraction = self.crop_max_fraction
         if isinstance(fraction, bool) or not (isinstance(fraction, int | float) and 0.0 < fraction <= 1.0):
             raise ValueError(f"crop_max_fraction must be in (0, 1], got {fraction!r}")
