@@ -23,9 +23,7 @@ Export folder (``save_refiner`` / ``load_refiner``; a pipeline folder holds one 
     DIR/weights.pt     # state dict (loaded with weights_only=True)
 """
 
-import json
 import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_modules.components.export_folder import WEIGHTS, read_export_meta, write_export_folder
 from lightning_modules.components.segmenters import conv_block
 
 FORMAT_VERSION = 1
@@ -146,35 +145,20 @@ def build_refiner(size: str = "cpu", gate_bias: float | None = None) -> PixelRef
 
 def save_refiner(model: PixelRefiner, path: str | os.PathLike, extra: dict | None = None) -> Path:
     """Write ``refiner.json`` + ``weights.pt`` into ``path`` (built in a temporary folder, then renamed)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     config = asdict(model.config)
     config["extra"] = {**config.get("extra", {}), **(extra or {})}
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp / "weights.pt")
-    (tmp / "refiner.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **config}, indent=2,
-                                                 sort_keys=True))
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-    return path
+    return write_export_folder(path, "refiner.json", {"format_version": FORMAT_VERSION, **config}, model)
 
 
 def load_refiner(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> PixelRefiner:
     """Load a folder written by :func:`save_refiner` (eval mode, no grad); errors name the missing or bad part."""
     path = Path(path)
-    meta_file = path / "refiner.json"
-    if not meta_file.is_file() or not (path / "weights.pt").is_file():
-        raise FileNotFoundError(f"{path} is not a complete refiner folder (needs refiner.json and weights.pt); "
-                                "re-export it (`python -m experiments.export refiner` or `make demo`)")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except ValueError as err:
-        raise ValueError(f"{meta_file} is not valid JSON ({err})") from None
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-        version = meta.get("format_version") if isinstance(meta, dict) else None
-        raise ValueError(f"{meta_file}: format_version {version} != {FORMAT_VERSION}")
+    meta = read_export_meta(path, "refiner.json", FORMAT_VERSION,
+                            f"{path} is not a complete refiner folder (needs refiner.json and weights.pt); re-export "
+                            "it (`python -m experiments.export refiner` or `make demo`)")
+    if not (path / WEIGHTS).is_file():
+        raise FileNotFoundError(f"{path} is not a complete refiner folder (no {WEIGHTS}); re-export it "
+                                "(`python -m experiments.export refiner` or `make demo`)")
     config = RefinerConfig(meta["encoder"], tuple(meta["out_indices"]), tuple(meta["decoder_channels"]),
                            int(meta["final_channels"]), float(meta["gate_bias"]), meta.get("extra", {}))
     model = PixelRefiner(config)

@@ -16,7 +16,6 @@ Export folder (``save_segmenter`` / ``load_segmenter``)::
 ``experiments.restore --masks auto`` (per tile) and ``restore_slide --masks auto`` (per slide tile) predict through it.
 """
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -34,6 +33,7 @@ from lightning_modules.components.classifiers import (
     bundled_efficientnet_lite0_path,
     load_pretrained,
 )
+from lightning_modules.components.export_folder import read_export_meta, write_export_folder
 from lightning_modules.components.stain_norm import InputNormalize
 
 FORMAT_VERSION = 1
@@ -155,38 +155,16 @@ def build_segmenter(size: str = "cpu", pretrained: bool | str = False, threshold
 
 def save_segmenter(model: ArtifactSegmenter, path: str | os.PathLike, extra: dict | None = None) -> Path:
     """Write ``segmenter.json`` + ``weights.pt`` into ``path`` (built in a temporary folder, then renamed)."""
-    import shutil
-
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     config = asdict(model.config)
     config["extra"] = {**config.get("extra", {}), **(extra or {})}
-    meta = {"format_version": FORMAT_VERSION, **config}
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp / "weights.pt")
-    (tmp / "segmenter.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-    return path
+    return write_export_folder(path, "segmenter.json", {"format_version": FORMAT_VERSION, **config}, model)
 
 
 def read_segmenter_meta(path: str | os.PathLike) -> dict:
     """``segmenter.json`` of an export folder (no weights are read); errors name the missing part."""
-    path = Path(path)
-    meta_file = path / "segmenter.json"
-    if not meta_file.is_file():
-        raise FileNotFoundError(f"{path} is not an artifact segmenter (no segmenter.json); train and export one "
-                                "(docs/SLIDES.md)")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except ValueError as err:
-        raise ValueError(f"{meta_file} is not valid JSON ({err})") from None
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-        version = meta.get("format_version") if isinstance(meta, dict) else None
-        raise ValueError(f"{meta_file}: format_version {version} != {FORMAT_VERSION}")
-    return meta
+    return read_export_meta(path, "segmenter.json", FORMAT_VERSION,
+                            f"{path} is not an artifact segmenter (no segmenter.json); train and export one "
+                            "(docs/SLIDES.md)")
 
 
 def load_segmenter(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> ArtifactSegmenter:
