@@ -11,45 +11,21 @@ import torch
 from datamodules.datasets import to_mask_tensor, to_tensor, to_uint8
 from datamodules.imageio import read_image, write_image_atomic, write_mask_atomic
 from experiments import evaluate, restore
-from lightning_modules.components.autoencoders import build_autoencoder
-from lightning_modules.components.denoisers import build_unet
-from lightning_modules.components.pipeline import RestorationPipeline, save_pipeline
-from lightning_modules.components.regional_sampler import SamplerConfig
+from lightning_modules.components.pipeline import RestorationPipeline
 from lightning_modules.components.restorer import available_restorers, build_restorer
-from lightning_modules.latent_diffusion import PAPER_SCHEDULER
+from tests.tiny_data import write_tiny_evalset, write_tiny_pipeline
 
 SIZE = 64
 
 
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory):
-    from diffusers import DDPMScheduler
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("pipe") / "pipeline"
-    save_pipeline(
-        path,
-        unet=build_unet("tiny", sample_size=SIZE // 8),
-        scheduler=DDPMScheduler(**PAPER_SCHEDULER),
-        sampler=SamplerConfig.from_preset("repaint", num_steps=4, feather=2),
-        vae=build_autoencoder("tiny"),
-        image_size=SIZE,
-    )
-    return path
+    return write_tiny_pipeline(tmp_path_factory.mktemp("pipe") / "pipeline", SIZE)
 
 
 @pytest.fixture(scope="module")
 def evalset(tmp_path_factory, he_tiles):
-    root = tmp_path_factory.mktemp("evalset")
-    for i, tile in enumerate(he_tiles[:3]):
-        clean = tile[:SIZE, :SIZE]
-        mask = np.zeros((SIZE, SIZE), bool)
-        mask[8 + 4 * i : 30 + 4 * i, 10:50] = True
-        corrupted = clean.copy()
-        corrupted[mask] = (corrupted[mask] * 0.3).astype(np.uint8)
-        write_image_atomic(root / "clean" / f"t{i}.png", clean)
-        write_image_atomic(root / "corrupted" / f"t{i}.png", corrupted)
-        write_mask_atomic(root / "masks" / f"t{i}.png", mask)
+    root = write_tiny_evalset(tmp_path_factory.mktemp("evalset"), he_tiles, 3, SIZE)
     items = [{"name": f"t{i}.png", "types": ["ink"] if i else ["ink", "blur"]} for i in range(3)]
     (root / "manifest.json").write_text(json.dumps({"items": items}))
     return root

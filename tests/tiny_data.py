@@ -86,3 +86,41 @@ class TinyLatentDataModule(TinyTileDataModule):
 
     def _key(self) -> str:
         return "latent"
+
+
+def write_tiny_pipeline(path, size: int = 64):
+    """A random-weight latent pipeline folder (tiny UNet and VAE, repaint preset, 4 steps) for ``size`` px tiles."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from lightning_modules.components.autoencoders import build_autoencoder
+    from lightning_modules.components.denoisers import build_unet
+    from lightning_modules.components.pipeline import save_pipeline
+    from lightning_modules.components.regional_sampler import SamplerConfig
+    from lightning_modules.latent_diffusion import PAPER_SCHEDULER
+
+    torch.manual_seed(0)
+    return save_pipeline(
+        path,
+        unet=build_unet("tiny", sample_size=size // 8),
+        scheduler=DDPMScheduler(**PAPER_SCHEDULER),
+        sampler=SamplerConfig.from_preset("repaint", num_steps=4, feather=2),
+        vae=build_autoencoder("tiny"),
+        image_size=size,
+    )
+
+
+def write_tiny_evalset(root, tiles, count: int, size: int = 64):
+    """``count`` clean/corrupted/mask triplets (a darkened band per tile) from real uint8 tiles under ``root``."""
+    from datamodules.imageio import write_image_atomic, write_mask_atomic
+
+    for i, tile in enumerate(tiles[:count]):
+        clean = tile[:size, :size]
+        mask = np.zeros((size, size), bool)
+        mask[8 + 4 * i : 30 + 4 * i, 10:50] = True
+        corrupted = clean.copy()
+        corrupted[mask] = (corrupted[mask] * 0.3).astype(np.uint8)
+        write_image_atomic(root / "clean" / f"t{i}.png", clean)
+        write_image_atomic(root / "corrupted" / f"t{i}.png", corrupted)
+        write_mask_atomic(root / "masks" / f"t{i}.png", mask)
+    return root
