@@ -128,6 +128,8 @@ class RefinerModule(LightningModule):
         """Load a training checkpoint without its config: the architecture comes from the stored ``net_config``."""
         hp = torch.load(ckpt, map_location="cpu", weights_only=False)["hyper_parameters"]
         c = hp["net_config"]
-        config = RefinerConfig(c["encoder"], tuple(c["out_indices"]), tuple(c["decoder_channels"]),
-                               int(c["final_channels"]), float(c["gate_bias"]), c.get("extra", {}))
-        return cls.load_from_checkpoint(ckpt, map_location="cpu", net=PixelRefiner(config), weights_only=False)
+        if "candidates" not in c:
+            raise ValueError(f"{ckpt} is a refiner checkpoint from before the candidate blend (format 1); retrain "
+                             "the refiner (`make demo` reruns that stage)")
+        return cls.load_from_checkpoint(ckpt, map_location="cpu", net=PixelRefiner(RefinerConfig.from_dict(c)),
+                                        weights_only=False)

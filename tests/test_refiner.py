@@ -12,6 +12,7 @@ from datamodules.imageio import read_image, read_mask, write_image_atomic, write
 from datamodules.refiner_pool import RefinerPoolDataModule, RefinerPoolDataset
 from lightning_modules.components.autoencoders import build_autoencoder
 from lightning_modules.components.denoisers import build_unet
+from lightning_modules.components.inpaint import opencv_inpaint
 from lightning_modules.components.pipeline import RestorationPipeline, attach_refiner
 from lightning_modules.components.refiner import build_refiner, load_refiner, save_refiner
 from lightning_modules.components.regional_sampler import SamplerConfig
@@ -31,18 +32,64 @@ def _pair(n: int = 2, size: int = 64):
     return clean, corrupted, mask
 
 
-def test_output_is_a_gated_blend_plus_a_residual_and_starts_as_the_blend():
+def test_output_is_a_candidate_blend_plus_a_residual_and_starts_as_the_even_blend():
     torch.manual_seed(0)
     net = build_refiner("tiny").eval()
+    assert net.config.candidates == ("corrupted", "coarse", "telea") and net.config.in_channels == 10
     _, corrupted, mask = _pair()
     coarse = torch.zeros_like(corrupted)
+    telea = opencv_inpaint(corrupted, mask, "telea")
     with torch.no_grad():
         out = net(corrupted, coarse, mask)
-        residual, gate = net.heads(torch.cat([corrupted, coarse, mask], 1))
+        residual, logits = net.heads(torch.cat([corrupted, coarse, telea, mask], 1))
     assert out.shape == corrupted.shape
-    g = torch.sigmoid(torch.tensor(net.config.gate_bias))
-    torch.testing.assert_close(out, corrupted + g * (coarse - corrupted))  # zero residual head at the start
-    assert residual.abs().max() == 0 and torch.allclose(gate, torch.full_like(gate, net.config.gate_bias))
+    torch.testing.assert_close(out, (corrupted + coarse + telea) / 3)  # zero residual head, even logits at the start
+    assert residual.abs().max() == 0 and logits.abs().max() == 0
+    assert not torch.allclose(telea, corrupted)  # the fill candidate really is the inpainted input
+
+
+def test_candidates_are_configurable_and_checked():
+    torch.manual_seed(0)
+    _, corrupted, mask = _pair()
+    coarse = torch.zeros_like(corrupted)
+    pixel_only = build_refiner("tiny", candidates=["corrupted", "telea"]).eval()
+    with torch.no_grad():
+        out = pixel_only(corrupted, coarse, mask)
+    torch.testing.assert_close(out, (corrupted + opencv_inpaint(corrupted, mask)) / 2)  # coarse is not looked at
+    biased = build_refiner("tiny", gate_bias=2.0, candidates=["corrupted", "coarse"]).eval()
+    with torch.no_grad():
+        g = torch.sigmoid(torch.tensor(2.0))
+        torch.testing.assert_close(biased(corrupted, coarse, mask), corrupted + g * (coarse - corrupted))
+    for bad in ([], ["corrupted", "corrupted"], ["median"]):
+        with pytest.raises(ValueError, match="candidates"):
+            build_refiner("tiny", candidates=bad)
+
+
+def test_a_format_1_refiner_folder_loads_as_the_two_candidate_blend(tmp_path):
+    """Folders exported before the Telea candidate: a sigmoid gate on coarse, ``refiner.json`` format 1."""
+    torch.manual_seed(0)
+    new = build_refiner("tiny", candidates=["corrupted", "coarse"])
+    with torch.no_grad():
+        for p in new.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    save_refiner(new, tmp_path / "r")
+    state = {k: v.clone() for k, v in new.state_dict().items()}
+    gate_w, gate_b = state["head.weight"][4] - state["head.weight"][3], state["head.bias"][4] - state["head.bias"][3]
+    state["head.weight"] = torch.cat([state["head.weight"][:3], gate_w[None]])
+    state["head.bias"] = torch.cat([state["head.bias"][:3], gate_b[None]])
+    torch.save(state, tmp_path / "r" / "weights.pt")
+    meta = json.loads((tmp_path / "r" / "refiner.json").read_text())
+    meta["format_version"] = 1
+    del meta["candidates"]
+    (tmp_path / "r" / "refiner.json").write_text(json.dumps(meta))
+    old = load_refiner(tmp_path / "r")
+    _, corrupted, mask = _pair()
+    coarse = torch.rand_like(corrupted) * 2 - 1
+    with torch.no_grad():
+        residual, logits = new.eval().heads(torch.cat([corrupted, coarse, mask], 1))
+        g = torch.sigmoid(logits[:, 1:] - logits[:, :1])
+        torch.testing.assert_close(old(corrupted, coarse, mask), corrupted + g * (coarse - corrupted) + residual,
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_any_size_is_padded_and_cropped_and_bad_shapes_are_refused():

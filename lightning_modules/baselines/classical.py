@@ -4,10 +4,9 @@ OpenCV's inpainting implements Telea 2004 and Navier-Stokes (Bertalmio et al. 20
 learned method has to beat and need no training or weights.
 """
 
-import cv2
-import numpy as np
 import torch
 
+from lightning_modules.components.inpaint import METHODS, opencv_inpaint
 from lightning_modules.components.restorer import check_batch, register_restorer
 
 
@@ -34,23 +33,14 @@ class OpenCVInpaintRestorer:
     nfe = 0
 
     def __init__(self, method: str = "telea", radius: int = 5) -> None:
-        flags = {"telea": cv2.INPAINT_TELEA, "ns": cv2.INPAINT_NS}
-        if method not in flags:
-            raise ValueError(f"method must be one of {sorted(flags)}, got {method!r}")
-        self.name, self.flag, self.radius = method, flags[method], radius
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+        self.name, self.radius = method, radius
 
     def restore(self, corrupted, artifact_mask, *, generator=None) -> torch.Tensor:
         """Inpaint each tile; (B, 3, H, W) [-1, 1] -> (B, 3, H, W) [-1, 1], exact outside the mask."""
         check_batch(corrupted, artifact_mask)
-        imgs = ((corrupted.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        masks = (artifact_mask.detach().cpu() > 0.5).squeeze(1).numpy()
-        out = []
-        for img, mask in zip(imgs.permute(0, 2, 3, 1).numpy(), masks, strict=True):
-            filled = cv2.inpaint(np.ascontiguousarray(img), mask.astype(np.uint8) * 255, self.radius, self.flag)
-            out.append(np.where(mask[..., None], filled, img))
-        restored = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 127.5 - 1
-        keep = artifact_mask.cpu() <= 0.5
-        return torch.where(keep, corrupted.cpu().float(), restored).to(corrupted.device)
+        return opencv_inpaint(corrupted, artifact_mask, self.name, self.radius)
 
 
 @register_restorer("identity")

@@ -29,13 +29,13 @@ def write_export_folder(path: str | os.PathLike, meta_name: str, meta: dict, mod
     return path
 
 
-def read_export_meta(path: str | os.PathLike, meta_name: str, version: int, missing: str) -> dict:
+def read_export_meta(path: str | os.PathLike, meta_name: str, version: int | tuple[int, ...], missing: str) -> dict:
     """The JSON of an export folder (no weights read).
 
     Args:
         path: The folder.
         meta_name: Its JSON file name.
-        version: The ``format_version`` this code reads.
+        version: The ``format_version`` this code reads (or a tuple of those it reads).
         missing: The message for a folder without the JSON (what it should be and how to make one).
 
     Raises:
@@ -49,7 +49,9 @@ def read_export_meta(path: str | os.PathLike, meta_name: str, version: int, miss
         meta = json.loads(meta_file.read_text())
     except ValueError as err:
         raise ValueError(f"{meta_file} is not valid JSON ({err})") from None
-    if not isinstance(meta, dict) or meta.get("format_version") != version:
+    versions = version if isinstance(version, tuple) else (version,)
+    if not isinstance(meta, dict) or meta.get("format_version") not in versions:
         found = meta.get("format_version") if isinstance(meta, dict) else None
-        raise ValueError(f"{meta_file}: format_version {found} != {version}")
+        wanted = " or ".join(str(v) for v in versions)
+        raise ValueError(f"{meta_file}: format_version {found} is not {wanted}")
     return meta
