@@ -78,7 +78,7 @@ from experiments.cli_errors import (
 )
 from experiments.scoring import index_images
 from lightning_modules.components.pipeline import denoiser_downsampling
-from lightning_modules.components.restorer import RESTORERS, available_restorers, build_restorer
+from lightning_modules.components.restorer import RESTORERS, available_restorers, build_restorer, takes_sampler
 from lightning_modules.components.sampler_files import (
     SamplerSpec,
     check_overrides,
@@ -528,11 +528,11 @@ def restore_folder(args: argparse.Namespace) -> dict:
     timing = check_manifest(args.out, settings, args.force)
     restorer = build_restorer(args.method, model=args.model, device=args.device, precision=args.precision)
     segmenter = load_mask_model(args) if auto else None
-    if sampler_requested(args) and not hasattr(restorer, "make_sampler"):
+    if sampler_requested(args) and not takes_sampler(restorer):
         raise CLIError(f"--method {args.method} has no diffusion sampler, so --sampler and --sampler-set do not apply")
-    kwargs = sampler_kw if hasattr(restorer, "make_sampler") else {}
+    kwargs = sampler_kw if takes_sampler(restorer) else {}
     nfe = getattr(restorer, "nfe", 0)
-    if hasattr(restorer, "make_sampler"):
+    if takes_sampler(restorer):
         try:
             nfe = restorer.make_sampler(**kwargs).expected_nfe()
         except ValueError as err:

@@ -15,6 +15,7 @@ class IdentityRestorer:
 
     name = "identity"
     nfe = 0
+    takes_sampler = False
 
     def restore(self, corrupted, artifact_mask, *, generator=None) -> torch.Tensor:
         """(B, 3, H, W) [-1, 1] -> the same tensor (a copy)."""
@@ -31,6 +32,7 @@ class OpenCVInpaintRestorer:
     """
 
     nfe = 0
+    takes_sampler = False
 
     def __init__(self, method: str = "telea", radius: int = 5) -> None:
         if method not in METHODS:

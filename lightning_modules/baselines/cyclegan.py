@@ -34,6 +34,7 @@ class CycleGANRestorer:
     """
 
     nfe = 1
+    takes_sampler = False
 
     def __init__(self, generator: ResnetGenerator, *, precision: str = "fp32", name: str = "cyclegan") -> None:
         if precision not in PRECISIONS:

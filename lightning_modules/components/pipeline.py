@@ -178,6 +178,9 @@ def _rmtree(path: Path) -> None:
 class RestorationPipeline(torch.nn.Module):
     """Regional restoration with an exported denoiser (and VAE); implements the ``Restorer`` interface.
 
+    ``takes_sampler`` is True: :meth:`restore` takes SamplerConfig overrides and :meth:`make_sampler` builds the
+    sampler they give.
+
     Args:
         unet: Denoiser predicting epsilon (or epsilon + variance channels).
         scheduler: Training noise scheduler (betas); sampling schedulers are derived from its config.
@@ -191,6 +194,8 @@ class RestorationPipeline(torch.nn.Module):
         residual: The conditional denoiser generates the latent change, not the clean latent.
         refiner: Optional pixel refiner run on the pasted-back restoration (``components/refiner.py``).
     """
+
+    takes_sampler = True
 
     def __init__(
         self,

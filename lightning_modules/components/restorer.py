@@ -5,7 +5,9 @@ A restorer maps a batch of corrupted tiles and artifact masks to restored tiles:
     restored = restorer.restore(corrupted, artifact_mask, generator=g)   # (B, 3, H, W) in [-1, 1]
 
 with ``corrupted`` float (B, 3, H, W) in [-1, 1] and ``artifact_mask`` float (B, 1, H, W), 1 = artifact. ``nfe`` is
-the number of network evaluations per tile (0 for classical methods), reported next to timings.
+the number of network evaluations per tile (0 for classical methods), reported next to timings. A restorer with
+``takes_sampler`` True also takes :class:`SamplerConfig` overrides as keyword arguments of ``restore`` and has
+``make_sampler(**overrides)``; callers ask :func:`takes_sampler` rather than probing for methods.
 
 Register a method with ``@register_restorer("name")`` on a factory ``f(**kwargs) -> Restorer``; build it with
 ``build_restorer("name", model=..., device=...)``. Factories ignore keyword arguments they do not use, so one call
@@ -13,7 +15,7 @@ site can build every method.
 """
 
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -22,16 +24,30 @@ RESTORERS: dict[str, Callable[..., "Restorer"]] = {}
 
 @runtime_checkable
 class Restorer(Protocol):
-    """What every restoration method implements."""
+    """What every restoration method implements.
+
+    Attributes:
+        name: Method name used in reports.
+        nfe: Network evaluations of the last ``restore`` per tile (0 for classical methods).
+        takes_sampler: Whether ``restore`` accepts :class:`SamplerConfig` overrides (``num_steps=...``,
+            ``preset=...``, ``scheduler=...``) and ``make_sampler(**overrides)`` returns the sampler they give
+            (True for ``RestorationPipeline``; False for the classical methods and CycleGAN).
+    """
 
     name: str
     nfe: int
+    takes_sampler: bool
 
     def restore(
         self, corrupted: torch.Tensor, artifact_mask: torch.Tensor, *, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """Restore a batch: (B, 3, H, W) in [-1, 1] and (B, 1, H, W) in {0, 1} -> (B, 3, H, W) in [-1, 1]."""
         ...
+
+
+def takes_sampler(restorer: Any) -> bool:
+    """Whether ``restorer`` takes sampler overrides (its ``takes_sampler``; False for objects without one)."""
+    return bool(getattr(restorer, "takes_sampler", False))
 
 
 def register_restorer(name: str) -> Callable:
