@@ -301,9 +301,9 @@ def context(models: Mapping[str, Path], evalsets: Mapping[str, list[EvalTile]], 
 
 
 def load_restorers(methods: set[str], models: Mapping[str, Path], opts: RunOptions) -> dict[str, Any]:
-    """Build every method through the registry (model methods only when their folder is given)."""
+    """Build every method from the method table (model methods only when their folder is given)."""
     from experiments.restore import uses_model
-    from lightning_modules.components.restorer import build_restorer
+    from lightning_modules.methods import build_restorer
 
     out = {}
     for method in sorted(methods):

@@ -483,7 +483,8 @@ def _json_safe(obj):
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The whole study; returns the content of ``downstream.json``."""
-    from lightning_modules.components.restorer import build_restorer, parse_method_specs
+    from lightning_modules.components.restorer import parse_method_specs
+    from lightning_modules.methods import build_restorer
 
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)

@@ -1,4 +1,4 @@
-"""One restorer interface for every method, and a registry so a method is named on the command line.
+"""The restorer interface every method implements, and the small helpers its callers share.
 
 A restorer maps a batch of corrupted tiles and artifact masks to restored tiles::
 
@@ -9,17 +9,13 @@ the number of network evaluations per tile (0 for classical methods), reported n
 ``takes_sampler`` True also takes :class:`SamplerConfig` overrides as keyword arguments of ``restore`` and has
 ``make_sampler(**overrides)``; callers ask :func:`takes_sampler` rather than probing for methods.
 
-Register a method with ``@register_restorer("name")`` on a factory ``f(**kwargs) -> Restorer``; build it with
-``build_restorer("name", model=..., device=...)``. Factories ignore keyword arguments they do not use, so one call
-site can build every method.
+Methods are named in the method table, ``lightning_modules/methods.py`` (``build_restorer``, ``available_restorers``,
+``register_restorer``). This module imports no implementation.
 """
 
-from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-
-RESTORERS: dict[str, Callable[..., "Restorer"]] = {}
 
 
 @runtime_checkable
@@ -50,38 +46,13 @@ def takes_sampler(restorer: Any) -> bool:
     return bool(getattr(restorer, "takes_sampler", False))
 
 
-def register_restorer(name: str) -> Callable:
-    """Decorator registering a restorer factory under ``name``."""
+def __getattr__(name: str) -> Any:
+    """Keep ``from lightning_modules.components.restorer import register_restorer`` working for plugins."""
+    if name in ("available_restorers", "build_restorer", "register_restorer"):
+        import lightning_modules.methods
 
-    def wrap(factory: Callable) -> Callable:
-        if name in RESTORERS:
-            raise ValueError(f"restorer {name!r} is already registered")
-        RESTORERS[name] = factory
-        return factory
-
-    return wrap
-
-
-def build_restorer(name: str, **kwargs) -> Restorer:
-    """Build a registered restorer; unknown names list the available ones."""
-    _import_builtin_methods()
-    if name not in RESTORERS:
-        raise ValueError(f"unknown restoration method {name!r}; available: {', '.join(sorted(RESTORERS))}")
-    return RESTORERS[name](**kwargs)
-
-
-def available_restorers() -> list[str]:
-    """Names of every registered method."""
-    _import_builtin_methods()
-    return sorted(RESTORERS)
-
-
-def _import_builtin_methods() -> None:
-    """Import the modules whose decorators register the built-in methods."""
-    import lightning_modules.baselines.classical  # noqa: F401
-    import lightning_modules.baselines.cyclegan  # noqa: F401
-    import lightning_modules.components.artifusion  # noqa: F401
-    import lightning_modules.components.pipeline  # noqa: F401
+        return getattr(lightning_modules.methods, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def parse_method_specs(spec: str, default_model=None) -> dict:
