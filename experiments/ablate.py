@@ -186,8 +186,9 @@ def perturbed_mask(tile: EvalTile, row: Row, seed: int) -> np.ndarray:
 
 def applies(row: Row, restorer: Any) -> str:
     """Why ``row`` does not apply to ``restorer`` (``""`` when it does)."""
-    samples = hasattr(restorer, "make_sampler")
-    if row.overrides and not samples:
+    from lightning_modules.components.restorer import takes_sampler
+
+    if row.overrides and not takes_sampler(restorer):
         return f"sampler settings do not apply to {restorer.name} (no diffusion sampler)"
     if row.needs == "latent-space" and getattr(restorer, "codec", None) is None:
         return f"{row.group} needs a latent-space pipeline; {restorer.name} has no VAE"
@@ -204,13 +205,14 @@ def restore_batches(restorer: Any, tiles: list[EvalTile], masks: list[np.ndarray
 
     from datamodules.datasets import to_mask_tensor, to_tensor
     from experiments.restore import batch_seed
+    from lightning_modules.components.restorer import takes_sampler
 
     for start in range(0, len(tiles), opts.batch_size):
         chunk = tiles[start : start + opts.batch_size]
         x = torch.stack([to_tensor(t.corrupted) for t in chunk])
         m = torch.stack([to_mask_tensor(mk) for mk in masks[start : start + opts.batch_size]])
         generator = torch.Generator().manual_seed(batch_seed(opts.seed, [t.name for t in chunk]))
-        kwargs = dict(row.overrides) if hasattr(restorer, "make_sampler") else {}
+        kwargs = dict(row.overrides) if takes_sampler(restorer) else {}
         began = time.perf_counter()
         out = restorer.restore(x, m, generator=generator, **kwargs)
         seconds = time.perf_counter() - began
@@ -299,9 +301,9 @@ def context(models: Mapping[str, Path], evalsets: Mapping[str, list[EvalTile]], 
 
 
 def load_restorers(methods: set[str], models: Mapping[str, Path], opts: RunOptions) -> dict[str, Any]:
-    """Build every method through the registry (model methods only when their folder is given)."""
+    """Build every method from the method table (model methods only when their folder is given)."""
     from experiments.restore import uses_model
-    from lightning_modules.components.restorer import build_restorer
+    from lightning_modules.methods import build_restorer
 
     out = {}
     for method in sorted(methods):

@@ -61,7 +61,7 @@ class Row:
         level: the lever's value, for plots (a severity, a step count, a label).
         overrides: sampler overrides (``SamplerConfig`` fields and ``scheduler``) for every pipeline method.
         perturbation: the mask perturbation (``none`` for sampler rows).
-        methods: method names (registry names of ``components/restorer.py``).
+        methods: method names (names in the method table, ``lightning_modules/methods.py``).
         evalsets: evaluation-set names.
         metrics: ``region/metric`` names shown (the CSV has all computed ones).
         quick: whether ``--quick`` runs this row.

@@ -328,6 +328,7 @@ def evaluate(module, dataset, restorers: dict, *, args: argparse.Namespace) -> d
 
     from datamodules.artifacts import ArtifactSynthesizer
     from datamodules.datasets import sample_rng, to_mask_tensor, to_tensor
+    from lightning_modules.components.restorer import takes_sampler
 
     device = torch.device(args.device)
     module = module.to(device).eval()
@@ -368,7 +369,7 @@ def evaluate(module, dataset, restorers: dict, *, args: argparse.Namespace) -> d
             examples = {"clean": clean_t[:4], "artifact": corrupted_t[:4]}
         for method, restorer in restorers.items():
             generator = torch.Generator(device="cpu").manual_seed(args.seed * 100003 + start)
-            extra = dict(args.sampler_kwargs) if hasattr(restorer, "make_sampler") else {}
+            extra = dict(args.sampler_kwargs) if takes_sampler(restorer) else {}
             # restorers run at the synthesis resolution (their models' tile size), the classifier at its input size
             outs, fails = _restore_batch(restorer, big_t.to(device), big_mask_t.to(device), batch_names, generator,
                                          **extra)
@@ -482,7 +483,8 @@ def _json_safe(obj):
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The whole study; returns the content of ``downstream.json``."""
-    from lightning_modules.components.restorer import build_restorer, parse_method_specs
+    from lightning_modules.components.restorer import parse_method_specs
+    from lightning_modules.methods import build_restorer
 
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
@@ -548,9 +550,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _sampler_config(args: argparse.Namespace, restorers: dict) -> dict:
     """Log which methods take the sampler settings; returns the sampler file record (with ``applied_to``)."""
+    from lightning_modules.components.restorer import takes_sampler
     from lightning_modules.components.sampler_files import sampler_record
 
-    applied = [m for m, r in restorers.items() if hasattr(r, "make_sampler")]
+    applied = [m for m, r in restorers.items() if takes_sampler(r)]
     if args.sampler is not None or args.sampler_set:
         others = [m for m in restorers if m not in applied]
         log.info("sampler settings %s apply to %s%s", args.sampler or "from --sampler-set", ", ".join(applied),

@@ -47,8 +47,9 @@ from experiments.report import (
     write_json_atomic,
 )
 from experiments.scoring import iter_scores, match_names
-from lightning_modules.components.restorer import available_restorers, parse_method_specs
+from lightning_modules.components.restorer import parse_method_specs
 from lightning_modules.components.sampler_files import load_sampler_file, parse_sampler_sets
+from lightning_modules.methods import available_restorers
 
 log = logging.getLogger("experiments.evaluate")
 

@@ -41,7 +41,6 @@ recomputed as a whole; only the missing files are written).
 import argparse
 import hashlib
 import importlib.metadata
-import inspect
 import json
 import logging
 import os
@@ -78,7 +77,7 @@ from experiments.cli_errors import (
 )
 from experiments.scoring import index_images
 from lightning_modules.components.pipeline import denoiser_downsampling
-from lightning_modules.components.restorer import RESTORERS, available_restorers, build_restorer
+from lightning_modules.components.restorer import takes_sampler
 from lightning_modules.components.sampler_files import (
     SamplerSpec,
     check_overrides,
@@ -89,6 +88,7 @@ from lightning_modules.components.sampler_files import (
     sampler_record,
 )
 from lightning_modules.components.segmenters import load_segmenter, read_segmenter_meta, segment_images
+from lightning_modules.methods import available_restorers, build_restorer, method_spec
 
 log = logging.getLogger("experiments.restore")
 
@@ -132,17 +132,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def uses_model(method: str) -> bool:
-    """Whether a registered method loads a model folder (its factory takes ``model``)."""
-    available_restorers()
-    return "model" in inspect.signature(RESTORERS[method]).parameters
+    """Whether a method loads a model folder (its ``needs_model`` in the method table)."""
+    return method_spec(method).needs_model
 
 
 def has_sampler(method: str, model: Path | None) -> bool:
     """Whether a method restores with an exported pipeline (and so takes sampler settings), judged before loading.
 
-    Pipelines are the folders with a ``pipeline.json`` (``save_pipeline``); classical methods and CycleGAN have none.
+    The method takes sampler overrides (``takes_sampler`` in the method table) and ``model`` is a folder with a
+    ``pipeline.json`` (``save_pipeline``); classical methods and CycleGAN take none.
     """
-    return uses_model(method) and model is not None and (Path(model) / "pipeline.json").is_file()
+    return method_spec(method).takes_sampler and model is not None and (Path(model) / "pipeline.json").is_file()
 
 
 def sampler_requested(args: argparse.Namespace) -> bool:
@@ -528,11 +528,11 @@ def restore_folder(args: argparse.Namespace) -> dict:
     timing = check_manifest(args.out, settings, args.force)
     restorer = build_restorer(args.method, model=args.model, device=args.device, precision=args.precision)
     segmenter = load_mask_model(args) if auto else None
-    if sampler_requested(args) and not hasattr(restorer, "make_sampler"):
+    if sampler_requested(args) and not takes_sampler(restorer):
         raise CLIError(f"--method {args.method} has no diffusion sampler, so --sampler and --sampler-set do not apply")
-    kwargs = sampler_kw if hasattr(restorer, "make_sampler") else {}
+    kwargs = sampler_kw if takes_sampler(restorer) else {}
     nfe = getattr(restorer, "nfe", 0)
-    if hasattr(restorer, "make_sampler"):
+    if takes_sampler(restorer):
         try:
             nfe = restorer.make_sampler(**kwargs).expected_nfe()
         except ValueError as err:

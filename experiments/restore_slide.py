@@ -30,7 +30,6 @@ from datamodules.imageio import ImageReadError, write_mask_atomic
 from datamodules.pyramid import write_pyramid
 from datamodules.slide_masks import load_mask
 from datamodules.slides import SlideInputError, TileGrid, file_fingerprint, open_slide
-from lightning_modules.components.restorer import available_restorers, build_restorer
 from lightning_modules.components.slide_outputs import (
     area_mm2,
     mask_image,
@@ -40,6 +39,7 @@ from lightning_modules.components.slide_outputs import (
 )
 from lightning_modules.components.slide_restore import SlideAssembler, TilePlan, plan_tiles, read_tiles, restore_tiles
 from lightning_modules.components.slide_store import TileStore, write_json_atomic
+from lightning_modules.methods import available_restorers, build_restorer
 
 log = logging.getLogger("experiments.restore_slide")
 STORE_FORMAT = 1

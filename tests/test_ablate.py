@@ -218,7 +218,7 @@ def test_tiny_sampler_run_skips_what_does_not_apply(untrained, tmp_path):
 
 
 def test_rows_that_do_not_apply_are_explained():
-    from lightning_modules.components.restorer import build_restorer
+    from lightning_modules.methods import build_restorer
 
     sampler = load_suite("sampler")
     decode = next(r for r in sampler.rows if r.name == "decode-full")

@@ -17,7 +17,6 @@ from lightning_modules.components.artifusion import (
 )
 from lightning_modules.components.pipeline import RestorationPipeline, save_pipeline
 from lightning_modules.components.regional_sampler import RegionalSampler, SamplerConfig, restore
-from lightning_modules.components.restorer import available_restorers, build_restorer
 from lightning_modules.components.schedulers import build_scheduler
 from lightning_modules.components.swin_unet import (
     SwinUNetDenoiser,
@@ -27,6 +26,7 @@ from lightning_modules.components.swin_unet import (
     shifted_window_mask,
 )
 from lightning_modules.components.vlb import hybrid_loss, normal_kl, vlb_term
+from lightning_modules.methods import available_restorers, build_restorer
 from lightning_modules.pixel_diffusion import PixelDiffusionModule
 from tests.tiny_data import TinyTileDataModule, real_crops
 

@@ -24,6 +24,7 @@ PURE_FILES = (
     "lightning_modules/metrics/regions.py",
     "lightning_modules/metrics/maps.py",
     "lightning_modules/metrics/statistics.py",
+    "lightning_modules/methods.py",
 )
 FORBIDDEN = ("lightning", "pytorch_lightning")
 

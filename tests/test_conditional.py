@@ -21,10 +21,10 @@ from lightning_modules.components.regional_sampler import (
     restore,
     transmission,
 )
-from lightning_modules.components.restorer import build_restorer
 from lightning_modules.components.schedulers import build_scheduler
 from lightning_modules.conditional_latent import ConditionalLatentDiffusionModule
 from lightning_modules.latent_diffusion import LatentDiffusionModule
+from lightning_modules.methods import build_restorer
 from tests.tiny_data import real_crops
 
 ADAMW = functools.partial(torch.optim.AdamW, lr=1e-3)

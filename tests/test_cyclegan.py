@@ -8,8 +8,9 @@ from torch.utils.data import DataLoader, Dataset
 from experiments.train import cli_main
 from lightning_modules.baselines.cyclegan import CycleGANRestorer
 from lightning_modules.components.gan_networks import ImagePool, PatchDiscriminator, ResnetGenerator
-from lightning_modules.components.restorer import Restorer, available_restorers, build_restorer
+from lightning_modules.components.restorer import Restorer
 from lightning_modules.cyclegan import CycleGANModule, linear_decay_factor
+from lightning_modules.methods import available_restorers, build_restorer
 from tests.tiny_data import real_crops
 
 TINY = {"ngf": 8, "n_blocks": 2, "ndf": 8, "n_layers": 3}

@@ -12,7 +12,7 @@ from datamodules.datasets import to_mask_tensor, to_tensor, to_uint8
 from datamodules.imageio import read_image, write_image_atomic, write_mask_atomic
 from experiments import evaluate, restore
 from lightning_modules.components.pipeline import RestorationPipeline
-from lightning_modules.components.restorer import available_restorers, build_restorer
+from lightning_modules.methods import available_restorers, build_restorer
 from tests.tiny_data import write_tiny_evalset, write_tiny_pipeline
 
 SIZE = 64

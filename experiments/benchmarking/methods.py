@@ -28,10 +28,13 @@ import torch
 from torch import Tensor
 
 from experiments.benchmarking.timing import autocast, count_flops, measure
+from lightning_modules.methods import METHODS as METHOD_TABLE
+from lightning_modules.methods import resolve
 
 log = logging.getLogger(__name__)
 
-METHODS = ("latent", "latent-conditional", "artifusion", "cyclegan")
+# the methods with a bench, in table order: latent, latent-conditional, artifusion, cyclegan
+METHODS = tuple(name for name, spec in METHOD_TABLE.items() if spec.benchmark)
 LATENT_STEPS = 50
 STEP_PROBE = 10
 
@@ -431,15 +434,15 @@ class CycleGANBench(MethodBench):
 
 
 def build_bench(method: str, geometry: Geometry, device: torch.device) -> MethodBench:
-    """Build a method's bench with random weights on ``device`` (eval mode, no gradients).
+    """Build a method's bench (its ``benchmark`` in the method table) with random weights on ``device``.
+
+    The bench is in eval mode, without gradients.
 
     Raises:
-        ValueError: For an unknown method.
+        ValueError: For a method without a bench.
     """
-    benches = {"latent": LatentBench, "latent-conditional": ConditionalBench, "artifusion": ArtiFusionBench,
-               "cyclegan": CycleGANBench}
-    if method not in benches:
-        raise ValueError(f"unknown method {method!r}; expected one of {tuple(benches)}")
-    bench = benches[method](geometry, device)
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    bench = resolve(METHOD_TABLE[method].benchmark)(geometry, device)
     bench.network.eval().requires_grad_(False)
     return bench

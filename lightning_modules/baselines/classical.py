@@ -1,13 +1,14 @@
 """Non-learned restorers: identity (the corrupted input itself) and OpenCV inpainting.
 
 OpenCV's inpainting implements Telea 2004 and Navier-Stokes (Bertalmio et al. 2001). These restorers set the floor any
-learned method has to beat and need no training or weights.
+learned method has to beat and need no training or weights. The factories below are named in the method table
+(``lightning_modules/methods.py``).
 """
 
 import torch
 
 from lightning_modules.components.inpaint import METHODS, opencv_inpaint
-from lightning_modules.components.restorer import check_batch, register_restorer
+from lightning_modules.components.restorer import check_batch
 
 
 class IdentityRestorer:
@@ -15,6 +16,7 @@ class IdentityRestorer:
 
     name = "identity"
     nfe = 0
+    takes_sampler = False
 
     def restore(self, corrupted, artifact_mask, *, generator=None) -> torch.Tensor:
         """(B, 3, H, W) [-1, 1] -> the same tensor (a copy)."""
@@ -31,6 +33,7 @@ class OpenCVInpaintRestorer:
     """
 
     nfe = 0
+    takes_sampler = False
 
     def __init__(self, method: str = "telea", radius: int = 5) -> None:
         if method not in METHODS:
@@ -43,16 +46,13 @@ class OpenCVInpaintRestorer:
         return opencv_inpaint(corrupted, artifact_mask, self.name, self.radius)
 
 
-@register_restorer("identity")
 def _identity(**_) -> IdentityRestorer:
     return IdentityRestorer()
 
 
-@register_restorer("telea")
 def _telea(**_) -> OpenCVInpaintRestorer:
     return OpenCVInpaintRestorer("telea")
 
 
-@register_restorer("ns")
 def _ns(**_) -> OpenCVInpaintRestorer:
     return OpenCVInpaintRestorer("ns")

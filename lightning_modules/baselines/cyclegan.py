@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from lightning_modules.components.gan_networks import ResnetGenerator
-from lightning_modules.components.restorer import check_batch, register_restorer
+from lightning_modules.components.restorer import check_batch
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -34,6 +34,7 @@ class CycleGANRestorer:
     """
 
     nfe = 1
+    takes_sampler = False
 
     def __init__(self, generator: ResnetGenerator, *, precision: str = "fp32", name: str = "cyclegan") -> None:
         if precision not in PRECISIONS:
@@ -76,7 +77,6 @@ class CycleGANRestorer:
         return out.float().clamp(-1, 1).to(corrupted.device)
 
 
-@register_restorer("cyclegan")
 def _cyclegan(
     *, model: str | Path | None = None, device: str = "cpu", precision: str = "fp32", **_
 ) -> CycleGANRestorer:

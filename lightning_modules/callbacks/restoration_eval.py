@@ -29,8 +29,8 @@ from datamodules.imageio import write_image_atomic
 from datamodules.restoration import ArtifactRestorationDataModule
 from lightning_modules.components.autoencoders import LatentCodec
 from lightning_modules.components.regional_sampler import RegionalSampler, SamplerConfig, restore
-from lightning_modules.components.restorer import build_restorer
 from lightning_modules.components.schedulers import build_scheduler
+from lightning_modules.methods import build_restorer
 from lightning_modules.metrics.functional import per_image_metrics
 
 log = logging.getLogger(__name__)

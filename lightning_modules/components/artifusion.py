@@ -21,7 +21,6 @@ from typing import Any
 
 from lightning_modules.components.pipeline import RestorationPipeline
 from lightning_modules.components.regional_sampler import SamplerConfig
-from lightning_modules.components.restorer import register_restorer
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +67,6 @@ def paper_sampler_config(**overrides: Any) -> SamplerConfig:
                                                    **overrides})
 
 
-@register_restorer("artifusion")
 def build_artifusion_restorer(
     *, model: str | Path | None = None, device: str = "cpu", precision: str = "fp32", **_: Any
 ) -> RestorationPipeline:

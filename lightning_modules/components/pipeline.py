@@ -37,7 +37,7 @@ from lightning_modules.components.crop import RestoreFn, plan_windows, restore_w
 from lightning_modules.components.denoisers import predict
 from lightning_modules.components.refiner import PixelRefiner, load_refiner, save_refiner
 from lightning_modules.components.regional_sampler import RegionalSampler, SamplerConfig, composite, restore
-from lightning_modules.components.restorer import check_batch, register_restorer
+from lightning_modules.components.restorer import check_batch
 from lightning_modules.components.schedulers import build_scheduler
 
 log = logging.getLogger(__name__)
@@ -178,6 +178,9 @@ def _rmtree(path: Path) -> None:
 class RestorationPipeline(torch.nn.Module):
     """Regional restoration with an exported denoiser (and VAE); implements the ``Restorer`` interface.
 
+    ``takes_sampler`` is True: :meth:`restore` takes SamplerConfig overrides and :meth:`make_sampler` builds the
+    sampler they give.
+
     Args:
         unet: Denoiser predicting epsilon (or epsilon + variance channels).
         scheduler: Training noise scheduler (betas); sampling schedulers are derived from its config.
@@ -191,6 +194,8 @@ class RestorationPipeline(torch.nn.Module):
         residual: The conditional denoiser generates the latent change, not the clean latent.
         refiner: Optional pixel refiner run on the pasted-back restoration (``components/refiner.py``).
     """
+
+    takes_sampler = True
 
     def __init__(
         self,
@@ -451,6 +456,7 @@ def _pipeline_factory(preset: str, method: str):
     return factory
 
 
-register_restorer("latent")(_pipeline_factory("repaint", "latent"))
-register_restorer("latent-conditional")(_pipeline_factory("repaint", "latent-conditional"))
-register_restorer("latent-reference")(_pipeline_factory("reference", "latent-reference"))
+# the factories of the latent methods, named in the method table (lightning_modules/methods.py)
+_latent = _pipeline_factory("repaint", "latent")
+_latent_conditional = _pipeline_factory("repaint", "latent-conditional")
+_latent_reference = _pipeline_factory("reference", "latent-reference")

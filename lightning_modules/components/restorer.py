@@ -1,31 +1,38 @@
-"""One restorer interface for every method, and a registry so a method is named on the command line.
+"""The restorer interface every method implements, and the small helpers its callers share.
 
 A restorer maps a batch of corrupted tiles and artifact masks to restored tiles::
 
     restored = restorer.restore(corrupted, artifact_mask, generator=g)   # (B, 3, H, W) in [-1, 1]
 
 with ``corrupted`` float (B, 3, H, W) in [-1, 1] and ``artifact_mask`` float (B, 1, H, W), 1 = artifact. ``nfe`` is
-the number of network evaluations per tile (0 for classical methods), reported next to timings.
+the number of network evaluations per tile (0 for classical methods), reported next to timings. A restorer with
+``takes_sampler`` True also takes :class:`SamplerConfig` overrides as keyword arguments of ``restore`` and has
+``make_sampler(**overrides)``; callers ask :func:`takes_sampler` rather than probing for methods.
 
-Register a method with ``@register_restorer("name")`` on a factory ``f(**kwargs) -> Restorer``; build it with
-``build_restorer("name", model=..., device=...)``. Factories ignore keyword arguments they do not use, so one call
-site can build every method.
+Methods are named in the method table, ``lightning_modules/methods.py`` (``build_restorer``, ``available_restorers``,
+``register_restorer``). This module imports no implementation.
 """
 
-from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
-
-RESTORERS: dict[str, Callable[..., "Restorer"]] = {}
 
 
 @runtime_checkable
 class Restorer(Protocol):
-    """What every restoration method implements."""
+    """What every restoration method implements.
+
+    Attributes:
+        name: Method name used in reports.
+        nfe: Network evaluations of the last ``restore`` per tile (0 for classical methods).
+        takes_sampler: Whether ``restore`` accepts :class:`SamplerConfig` overrides (``num_steps=...``,
+            ``preset=...``, ``scheduler=...``) and ``make_sampler(**overrides)`` returns the sampler they give
+            (True for ``RestorationPipeline``; False for the classical methods and CycleGAN).
+    """
 
     name: str
     nfe: int
+    takes_sampler: bool
 
     def restore(
         self, corrupted: torch.Tensor, artifact_mask: torch.Tensor, *, generator: torch.Generator | None = None
@@ -34,38 +41,18 @@ class Restorer(Protocol):
         ...
 
 
-def register_restorer(name: str) -> Callable:
-    """Decorator registering a restorer factory under ``name``."""
-
-    def wrap(factory: Callable) -> Callable:
-        if name in RESTORERS:
-            raise ValueError(f"restorer {name!r} is already registered")
-        RESTORERS[name] = factory
-        return factory
-
-    return wrap
+def takes_sampler(restorer: Any) -> bool:
+    """Whether ``restorer`` takes sampler overrides (its ``takes_sampler``; False for objects without one)."""
+    return bool(getattr(restorer, "takes_sampler", False))
 
 
-def build_restorer(name: str, **kwargs) -> Restorer:
-    """Build a registered restorer; unknown names list the available ones."""
-    _import_builtin_methods()
-    if name not in RESTORERS:
-        raise ValueError(f"unknown restoration method {name!r}; available: {', '.join(sorted(RESTORERS))}")
-    return RESTORERS[name](**kwargs)
+def __getattr__(name: str) -> Any:
+    """Keep ``from lightning_modules.components.restorer import register_restorer`` working for plugins."""
+    if name in ("available_restorers", "build_restorer", "register_restorer"):
+        import lightning_modules.methods
 
-
-def available_restorers() -> list[str]:
-    """Names of every registered method."""
-    _import_builtin_methods()
-    return sorted(RESTORERS)
-
-
-def _import_builtin_methods() -> None:
-    """Import the modules whose decorators register the built-in methods."""
-    import lightning_modules.baselines.classical  # noqa: F401
-    import lightning_modules.baselines.cyclegan  # noqa: F401
-    import lightning_modules.components.artifusion  # noqa: F401
-    import lightning_modules.components.pipeline  # noqa: F401
+        return getattr(lightning_modules.methods, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def parse_method_specs(spec: str, default_model=None) -> dict:

@@ -21,6 +21,7 @@ import torch
 
 from datamodules.datasets import to_mask_tensor, to_tensor, to_uint8
 from datamodules.slides import TileGrid
+from lightning_modules.components.restorer import takes_sampler
 
 
 @dataclass(frozen=True)
@@ -110,14 +111,15 @@ def restore_tiles(restorer, batch: dict[str, torch.Tensor], seed: int, overrides
         restorer: Any :class:`~lightning_modules.components.restorer.Restorer`.
         batch: Output of :func:`read_tiles` (possibly moved to a device).
         seed: Run seed; the batch generator is ``batch_seed(seed, batch["index"][0])``.
-        overrides: Sampler overrides (``num_steps``...) for pipeline restorers; ignored by others.
+        overrides: Sampler overrides (``num_steps``...) for restorers that take them (``takes_sampler``); ignored
+            by others.
 
     Returns:
         uint8 (B, T, T, 3) restored tiles.
     """
     device = restorer_device(restorer)
     generator = torch.Generator(device=device).manual_seed(batch_seed(seed, int(batch["index"][0])))
-    kwargs = (overrides or {}) if hasattr(restorer, "make_sampler") else {}
+    kwargs = (overrides or {}) if takes_sampler(restorer) else {}
     out = restorer.restore(batch["image"], batch["mask"], generator=generator, **kwargs)
     return to_uint8(out)
 
