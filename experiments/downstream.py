@@ -176,6 +176,9 @@ def train_classifier(args: argparse.Namespace, dm, logger) -> tuple[Any, str, di
 
     spec = {"name": args.classifier, "num_classes": dm.num_classes, "pretrained": _pretrained(args),
             "stain_norm": not args.no_stain_norm}
+    # seeded here, not only at the start: building the restorers draws from the global RNG (random init before their
+    # weights load), so without this the classifier would change with the --methods list
+    L.seed_everything(args.seed, workers=True, verbose=False)
     net = build_classifier(**spec)
     module = TissueClassifierModule(
         net, num_classes=dm.num_classes, class_names=dm.class_names, net_spec=spec,

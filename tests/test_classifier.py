@@ -2,6 +2,7 @@
 
 import json
 import logging
+import types
 from pathlib import Path
 
 import cv2
@@ -276,3 +277,26 @@ def test_downstream_quick_study_writes_wellformed_json(tmp_path):
     for name in ("clean", "artifact", "restored_identity", "restored_telea"):
         assert (out / f"confusion_{name}.png").stat().st_size > 1000
     assert "| restored: telea | 30 |" in (out / "downstream.md").read_text()
+
+
+def test_the_downstream_classifier_does_not_depend_on_the_restorers_built_before_it(monkeypatch, tmp_path):
+    """Building a restorer draws random init from the global RNG; the classifier must start from the same state."""
+    import lightning_modules.components.classifiers as classifiers
+    from experiments import downstream
+
+    class Built(Exception):
+        pass
+
+    starts = []
+
+    def spy(**_):
+        starts.append(torch.rand(4))
+        raise Built
+
+    monkeypatch.setattr(classifiers, "build_classifier", spy)
+    args = downstream.parse_args(["--out", str(tmp_path), "--pretrained", "none"])
+    for draws in (0, 1000):
+        torch.rand(draws)  # what building one more (or one fewer) restorer does to the global RNG
+        with pytest.raises(Built):
+            downstream.train_classifier(args, types.SimpleNamespace(num_classes=2), None)
+    torch.testing.assert_close(starts[0], starts[1])
