@@ -21,14 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import cv2
-import lightning as L
 import numpy as np
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.datasets import EpochIndexSampler, sample_rng, to_tensor
+from datamodules.base import SuiteDataModule
+from datamodules.datasets import sample_rng, to_tensor
 from datamodules.imageio import ImageReadError, list_images, read_image
-from datamodules.restoration import per_device_batch_size
 from datamodules.sources import TileSource, bundled_sources
 from datamodules.splits import tiles_for_split
 from datamodules.tiling import TileRef
@@ -218,7 +217,7 @@ def _image_size(path: Path, validate: bool) -> tuple[int, int]:
         raise ImageReadError(f"{path}: not a readable image ({err})") from err
 
 
-class _ClassificationDataModule(L.LightningDataModule):
+class _ClassificationDataModule(SuiteDataModule):
     """Loaders, per-device batch size and class bookkeeping shared by the classification data modules."""
 
     def __init__(self, *, image_size: int, batch_size: int, eval_batch_size: int | None, num_workers: int,
@@ -243,9 +242,7 @@ class _ClassificationDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets once and derive per-device batch sizes from the trainer's world size."""
-        world = self.trainer.world_size if self.trainer is not None else 1
-        self.batch_size_per_device = per_device_batch_size(self.batch_size, world)
-        self.eval_batch_size_per_device = per_device_batch_size(self.eval_batch_size or self.batch_size, world)
+        self.set_batch_sizes(self.batch_size, self.eval_batch_size)
         if not self.datasets:
             self.build()
             for split, ds in self.datasets.items():
@@ -258,17 +255,7 @@ class _ClassificationDataModule(L.LightningDataModule):
             self.setup()
         if split not in self.datasets:
             raise ValueError(f"this data module has no {split!r} split (give its folder)")
-        ds = self.datasets[split]
-        batch = self.batch_size_per_device if train else self.eval_batch_size_per_device
-        return DataLoader(
-            ds,
-            batch_size=batch,
-            sampler=EpochIndexSampler(len(ds), seed=self.seed, shuffle=True) if train else None,
-            shuffle=False,
-            drop_last=train and len(ds) > batch,
-            num_workers=self.num_workers,
-            persistent_workers=False,
-        )
+        return self.loader(self.datasets[split], train=train, seed=self.seed, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled, flipped training images."""

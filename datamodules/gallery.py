@@ -71,11 +71,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--columns", type=int, default=4)
     p.add_argument("--size", type=int, default=256)
     args = p.parse_args(argv)
-    img = render_gallery(seed=args.seed, columns=args.columns, size=args.size)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_image_atomic(args.out, img)
-    print(f"wrote {args.out} ({img.shape[1]}x{img.shape[0]})")
+    write_gallery(args.out, seed=args.seed, columns=args.columns, size=args.size)
     return 0
+
+
+def write_gallery(out: Path, *, seed: int = 0, columns: int = 4, size: int = 256) -> Path:
+    """Render the gallery (see :func:`render_gallery`) and write it atomically to ``out`` (a PNG path)."""
+    img = render_gallery(seed=seed, columns=columns, size=size)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_image_atomic(out, img)
+    print(f"wrote {out} ({img.shape[1]}x{img.shape[0]})")
+    return out
 
 
 if __name__ == "__main__":

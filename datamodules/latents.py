@@ -18,14 +18,14 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from datamodules.datasets import EpochIndexSampler, TileDataset, sample_rng
-from datamodules.restoration import CleanTileDataModule, per_device_batch_size
+from datamodules.base import SuiteDataModule
+from datamodules.datasets import TileDataset, sample_rng
+from datamodules.restoration import CleanTileDataModule
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ class LatentCacheDataset(Dataset):
         return {"latent": z, "meta": {"name": self.names[tile], "variant": variant, "index": int(index)}}
 
 
-class LatentCacheDataModule(L.LightningDataModule):
+class LatentCacheDataModule(SuiteDataModule):
     """Denoiser training data from a latent cache built (once) with a frozen, exported VAE.
 
     ``prepare_data`` (rank 0 of each node) builds or validates the train and val caches; ``setup`` loads them.
@@ -231,7 +231,7 @@ class LatentCacheDataModule(L.LightningDataModule):
             max_tiles=max_tiles,
         )
         self.datasets: dict[str, LatentCacheDataset] = {}
-        self.batch_size_per_device = batch_size
+        self.batch_size_per_device = self.eval_batch_size_per_device = batch_size
 
     def cache_path(self, split: str) -> Path:
         """Cache folder of one split."""
@@ -253,8 +253,7 @@ class LatentCacheDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Load the caches and derive the per-device batch size."""
-        world = self.trainer.world_size if self.trainer is not None else 1
-        self.batch_size_per_device = per_device_batch_size(self.hparams.batch_size, world)
+        self.set_batch_sizes(self.hparams.batch_size)
         for split in ("train", "val"):
             if split not in self.datasets:
                 self.datasets[split] = self.make_cache_dataset(split)
@@ -265,17 +264,10 @@ class LatentCacheDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled (tile, variant) latents, a fresh posterior sample every epoch."""
-        ds = self.datasets["train"]
-        return DataLoader(
-            ds,
-            batch_size=self.batch_size_per_device,
-            sampler=EpochIndexSampler(len(ds), seed=self.hparams.seed),
-            drop_last=len(ds) >= self.batch_size_per_device,
-            num_workers=self.hparams.num_workers,
-        )
+        return self.loader(self.datasets["train"], train=True, seed=self.hparams.seed,
+                           num_workers=self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         """Posterior means of the val tiles, fixed order."""
-        return DataLoader(
-            self.datasets["val"], batch_size=self.batch_size_per_device, num_workers=self.hparams.num_workers
-        )
+        return self.loader(self.datasets["val"], train=False, seed=self.hparams.seed,
+                           num_workers=self.hparams.num_workers)

@@ -23,16 +23,16 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from datamodules.artifacts import ArtifactSynthesizer
-from datamodules.datasets import EpochIndexSampler, sample_rng, to_mask_tensor, to_tensor
+from datamodules.base import SuiteDataModule
+from datamodules.datasets import sample_rng, to_mask_tensor, to_tensor
 from datamodules.latents import cache_is_valid, fingerprint_module, fingerprint_tiles
-from datamodules.restoration import CleanTileDataModule, per_device_batch_size
+from datamodules.restoration import CleanTileDataModule
 from datamodules.restoration_latents import corrupted_variants, fingerprint_synthesis
 
 log = logging.getLogger(__name__)
@@ -206,7 +206,7 @@ class RefinerPoolDataset(Dataset):
         }
 
 
-class RefinerPoolDataModule(L.LightningDataModule):
+class RefinerPoolDataModule(SuiteDataModule):
     """Refiner training data: pools of an exported ``latent-conditional`` pipeline's restorations, built once.
 
     Args:
@@ -255,7 +255,7 @@ class RefinerPoolDataModule(L.LightningDataModule):
                                             min_tissue=min_tissue, seed=seed, augment=False, max_tiles=max_tiles)
         self.synthesizer = ArtifactSynthesizer.from_config(dict(artifacts)) if artifacts else ArtifactSynthesizer()
         self.datasets: dict[str, RefinerPoolDataset] = {}
-        self.batch_size_per_device = batch_size
+        self.batch_size_per_device = self.eval_batch_size_per_device = batch_size
 
     def pool_path(self, split: str) -> Path:
         """Pool folder of one split."""
@@ -278,8 +278,7 @@ class RefinerPoolDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Load the pools and derive the per-device batch size."""
-        world = self.trainer.world_size if self.trainer is not None else 1
-        self.batch_size_per_device = per_device_batch_size(self.hparams.batch_size, world)
+        self.set_batch_sizes(self.hparams.batch_size)
         for split in ("train", "val"):
             if split not in self.datasets:
                 self.datasets[split] = RefinerPoolDataset(self.pool_path(split), split=split,
@@ -287,12 +286,10 @@ class RefinerPoolDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled pool items, fresh crops every epoch."""
-        ds = self.datasets["train"]
-        return DataLoader(ds, batch_size=self.batch_size_per_device, num_workers=self.hparams.num_workers,
-                          sampler=EpochIndexSampler(len(ds), seed=self.hparams.seed),
-                          drop_last=len(ds) >= self.batch_size_per_device)
+        return self.loader(self.datasets["train"], train=True, seed=self.hparams.seed,
+                           num_workers=self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         """Whole val tiles, fixed order."""
-        return DataLoader(self.datasets["val"], batch_size=self.batch_size_per_device,
-                          num_workers=self.hparams.num_workers)
+        return self.loader(self.datasets["val"], train=False, seed=self.hparams.seed,
+                           num_workers=self.hparams.num_workers)

@@ -14,12 +14,12 @@ world size, with an error when it does not divide.
 import logging
 from collections.abc import Mapping, Sequence
 
-import lightning as L
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.artifacts import ArtifactSynthesizer
-from datamodules.datasets import EpochIndexSampler, OnlineArtifactDataset, TileDataset, TripletFolderDataset
+from datamodules.base import SuiteDataModule
+from datamodules.datasets import OnlineArtifactDataset, TileDataset, TripletFolderDataset
 from datamodules.sources import TileSource, sources_from_spec
 from datamodules.splits import tiles_for_split
 from datamodules.transforms import clean_tile_augmentation
@@ -29,19 +29,7 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 
 
-def per_device_batch_size(global_batch: int, world_size: int) -> int:
-    """Split a global batch over devices; raises when it does not divide."""
-    if global_batch < 1:
-        raise ValueError(f"batch_size must be >= 1, got {global_batch}")
-    if global_batch % world_size:
-        raise ValueError(
-            f"global batch_size {global_batch} is not divisible by the {world_size} devices; "
-            f"use a multiple of {world_size} (e.g. {world_size * max(1, global_batch // world_size)})"
-        )
-    return global_batch // world_size
-
-
-class CleanTileDataModule(L.LightningDataModule):
+class CleanTileDataModule(SuiteDataModule):
     """Artifact-free tiles from real H&E sources, split spatially into train/val/test.
 
     Args:
@@ -129,11 +117,7 @@ class CleanTileDataModule(L.LightningDataModule):
     # -- Lightning hooks -------------------------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets and derive per-device batch sizes from the trainer's world size."""
-        world = self.trainer.world_size if self.trainer is not None else 1
-        self.batch_size_per_device = per_device_batch_size(self.batch_size, world)
-        self.eval_batch_size_per_device = per_device_batch_size(
-            self.eval_batch_size or self.batch_size, world
-        )
+        self.set_batch_sizes(self.batch_size, self.eval_batch_size)
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
         for split in wanted.get(stage, SPLITS) if stage else SPLITS:
             if split not in self.datasets:
@@ -143,17 +127,7 @@ class CleanTileDataModule(L.LightningDataModule):
     def _loader(self, split: str, *, train: bool) -> DataLoader:
         if split not in self.datasets:
             self.setup(None if self.trainer is None else {"train": "fit", "val": "validate"}.get(split, "test"))
-        ds = self.datasets[split]
-        workers = self.num_workers
-        return DataLoader(
-            ds,
-            batch_size=self.batch_size_per_device if train else self.eval_batch_size_per_device,
-            sampler=EpochIndexSampler(len(ds), seed=self.seed, shuffle=train) if train else None,
-            shuffle=False,
-            drop_last=train and len(ds) >= self.batch_size_per_device,
-            num_workers=workers,
-            persistent_workers=False,
-        )
+        return self.loader(self.datasets[split], train=train, seed=self.seed, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled train tiles, a new augmentation (and corruption) every epoch."""

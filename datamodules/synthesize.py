@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -31,13 +32,49 @@ from datamodules.imageio import write_image_atomic, write_mask_atomic
 from datamodules.sources import bundled_sources, sources_from_spec
 from datamodules.splits import assign_regions, tiles_for_split
 from datamodules.tiling import grid_tiles
-from experiments.cli_errors import check_input_folder, check_output_folder, run_main
+from experiments.cli_errors import CLIError, check_input_folder, check_output_folder, run_main
+from experiments.jobs import from_namespace
 
 log = logging.getLogger("datamodules.synthesize")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line arguments."""
+@dataclass
+class SynthesisJob:
+    """One evaluation set: the flags of ``python -m datamodules.synthesize`` as typed values (same names, defaults).
+
+    Attributes:
+        out: Output folder (``clean/``, ``corrupted/``, ``masks/``, ``manifest.json``).
+        bundled: Take tiles from the offline sample slides (``split``); otherwise from ``images``.
+        images: Folder (recursive) of clean tiles or larger clean images.
+        count: Number of triplets.
+        seed: Seed of the per-triplet synthesis streams.
+        size: Tile edge in pixels.
+        types: Artifact type names (``datamodules.artifacts.ARTIFACT_TYPES``).
+        max_artifacts: Artifacts per tile are drawn from 1..this.
+        split: Bundled split: ``train``, ``val``, ``test`` or ``unseen`` (whole images that hold no train tile).
+        balanced: One artifact per tile, the types in turn.
+        min_tissue: Minimum tissue fraction of a tile.
+        stride: Tiling stride (``None``: size // 2 bundled, size // 4 unseen, size for folders).
+        debug: Show tracebacks (read by ``run_main``).
+    """
+
+    out: Path
+    bundled: bool = False
+    images: Path | None = None
+    count: int = 16
+    seed: int = 0
+    size: int = 256
+    types: tuple[str, ...] = DEFAULT_TYPES
+    max_artifacts: int = 2
+    split: str = "test"
+    balanced: bool = False
+    min_tissue: float = 0.5
+    stride: int | None = None
+    debug: bool = False
+
+
+def parse_args(argv: list[str] | None = None) -> SynthesisJob:
+    """Command-line arguments as a :class:`SynthesisJob`."""
     p = argparse.ArgumentParser(prog="python -m datamodules.synthesize", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--bundled", action="store_true", help="tiles from the offline sample slides (test split)")
@@ -57,10 +94,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stride", type=int, help="tiling stride (default: size // 2 for --bundled, size for --images)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors (or LAF_DEBUG=1)")
-    return p.parse_args(argv)
+    ns = p.parse_args(argv)
+    return from_namespace(SynthesisJob, ns, types=tuple(t.strip() for t in ns.types.split(",") if t.strip()))
 
 
-def collect_tiles(args: argparse.Namespace) -> tuple[list, list]:
+def collect_tiles(args: SynthesisJob) -> tuple[list, list]:
     """Sources and ``(source index, TileRef)`` pairs the triplets are cut from."""
     if args.bundled and args.split == "unseen":
         sources = bundled_sources()
@@ -100,13 +138,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    args = parse_args(argv)
-    types = tuple(t.strip() for t in args.types.split(",") if t.strip())
+    synthesize(parse_args(argv))
+    return 0
+
+
+def synthesize(args: SynthesisJob) -> dict:
+    """Write ``args.count`` triplets and the manifest into ``args.out``; returns the manifest.
+
+    Raises:
+        CLIError: Unknown types, a count below 1, no source (neither ``bundled`` nor ``images``), or a bad folder.
+        SystemExit: No tile with enough tissue (the message says what to lower).
+    """
+    types = tuple(args.types)
     unknown = [t for t in types if t not in ARTIFACT_TYPES]
     if unknown:
-        raise SystemExit(f"unknown artifact type(s) {unknown}; choose from {list(ARTIFACT_TYPES)}")
+        raise CLIError(f"unknown artifact type(s) {unknown}; choose from {list(ARTIFACT_TYPES)}")
     if args.count < 1:
-        raise SystemExit(f"--count must be >= 1, got {args.count}")
+        raise CLIError(f"--count must be >= 1, got {args.count}")
+    if args.bundled == (args.images is not None):
+        raise CLIError("pass exactly one tile source: --bundled or --images DIR")
     synth = ArtifactSynthesizer(types=types, min_artifacts=1, max_artifacts=args.max_artifacts)
     per_type = {t: ArtifactSynthesizer(types=[t], min_artifacts=1, max_artifacts=1) for t in types}
     check_output_folder(args.out)
@@ -134,7 +184,7 @@ def _main(argv: list[str]) -> int:
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
     os.replace(tmp, args.out / "manifest.json")
     print(f"wrote {args.count} triplets from {len(tiles)} distinct tiles to {args.out}")
-    return 0
+    return manifest
 
 
 if __name__ == "__main__":

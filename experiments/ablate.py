@@ -422,7 +422,7 @@ def build_untrained(root: Path, *, size: int = 256, count: int = 7) -> tuple[dic
     import torch
     from diffusers import DDPMScheduler
 
-    from datamodules import synthesize
+    from datamodules.synthesize import SynthesisJob, synthesize
     from lightning_modules.components.autoencoders import build_autoencoder
     from lightning_modules.components.denoisers import build_unet
     from lightning_modules.components.pipeline import save_pipeline
@@ -450,10 +450,7 @@ def build_untrained(root: Path, *, size: int = 256, count: int = 7) -> tuple[dic
         models[method] = path
     evalset = root / "evalset"
     if not (evalset / "manifest.json").is_file():
-        code = synthesize.main(["--bundled", "--count", str(count), "--balanced", "--seed", "0", "--size", str(size),
-                                "--out", str(evalset)])
-        if code:
-            raise CLIError(f"could not synthesise the quick evaluation set in {evalset}", code=1)
+        synthesize(SynthesisJob(out=evalset, bundled=True, count=count, balanced=True, seed=0, size=size))
     return models, {"evalset": evalset}
 
 

@@ -35,6 +35,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -50,6 +51,7 @@ from experiments.benchmarking.records import (
 from experiments.benchmarking.tables import machine_line, peak_table, ratio_table, restore_table, training_table
 from experiments.benchmarking.timing import DTYPES, machine_info, matmul_peak
 from experiments.benchmarking.training import conditional_training_records, training_records
+from experiments.jobs import from_namespace
 from lightning_modules.components.sampler_files import (
     apply_sampler,
     load_sampler_file,
@@ -75,8 +77,62 @@ def _csv(kind: type, choices: tuple | None = None):
     return parse
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line arguments."""
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class BenchmarkJob:
+    """One benchmark run: the flags of ``python -m experiments.benchmark`` as typed values (same names, defaults).
+
+    Attributes:
+        methods: Subset of ``METHODS`` (``None``: every available one).
+        config: Model sizes, a key of ``CONFIGS``.
+        precision: Autocast precisions.
+        batch_sizes: Restore batch sizes.
+        device: Torch device.
+        threads: Torch threads (``None``: unchanged).
+        max_seconds: Time budget per measurement; a full restore runs only when its estimate fits it.
+        warmup: Untimed calls before each measurement.
+        extrapolate: ``auto``, ``always`` or ``never``.
+        train_batch: Batch of the training-throughput measurement.
+        training: Measure denoiser training throughput.
+        peak_size: Matmul side for the peak (``None``: 2048 CPU, 8192 CUDA).
+        json: Write every record to this file.
+        seed: Torch seed.
+        sampler: Sampler settings file for the diffusion methods.
+        sampler_set: ``KEY=VALUE`` overrides of single ``SamplerConfig`` fields.
+    """
+
+    methods: list[str] | None = None
+    config: str = "paper"
+    precision: list[str] = field(default_factory=lambda: ["fp32", "bf16"])
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    device: str = field(default_factory=_default_device)
+    threads: int | None = None
+    max_seconds: float = 30.0
+    warmup: int = 1
+    extrapolate: str = "auto"
+    train_batch: int = 8
+    training: bool = True
+    peak_size: int | None = None
+    json: Path | None = None
+    seed: int = 0
+    sampler: Path | None = None
+    sampler_set: list[str] = field(default_factory=list)
+
+
+def sampler_settings(args: BenchmarkJob) -> tuple:
+    """The sampler file's content (or None) and the ``sampler_set`` fields.
+
+    Raises:
+        ValueError: An unreadable or invalid file or a bad ``KEY=VALUE``.
+    """
+    return (None if args.sampler is None else load_sampler_file(args.sampler)), parse_sampler_sets(args.sampler_set)
+
+
+def parse_args(argv: list[str] | None = None) -> BenchmarkJob:
+    """Command-line arguments as a :class:`BenchmarkJob` (the sampler settings are checked here)."""
     p = argparse.ArgumentParser(prog="python -m experiments.benchmark", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", type=_csv(str, METHODS), default=None,
@@ -85,7 +141,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", type=_csv(str, tuple(DTYPES)), default=["fp32", "bf16"],
                    help="comma-separated autocast precisions (default: fp32,bf16)")
     p.add_argument("--batch-sizes", type=_csv(int), default=[1, 8], help="comma-separated batch sizes (default: 1,8)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:N]")
+    p.add_argument("--device", default=_default_device(), help="cpu or cuda[:N]")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch.get_num_threads())")
     p.add_argument("--max-seconds", type=float, default=30.0,
                    help="time budget per measurement; a full restore runs only when its estimate fits it (default 30)")
@@ -103,10 +159,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="sampler settings file for the diffusion methods (experiments/configs/sampler/*.yaml)")
     p.add_argument("--sampler-set", action="append", default=[], metavar="KEY=VALUE",
                    help="set one SamplerConfig field (YAML value) of the diffusion methods; wins over --sampler")
-    args = p.parse_args(argv)
+    args = from_namespace(BenchmarkJob, p.parse_args(argv))
     try:
-        args.sampler_spec = None if args.sampler is None else load_sampler_file(args.sampler)
-        args.sampler_fields = parse_sampler_sets(args.sampler_set)
+        sampler_settings(args)
     except ValueError as err:
         p.error(str(err))
     if args.threads is not None and args.threads < 1:
@@ -116,7 +171,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run(args: argparse.Namespace) -> list[dict]:
+def run(args: BenchmarkJob) -> list[dict]:
     """Run every measurement the arguments ask for and return the records (see ``benchmarking/records.py``)."""
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -179,7 +234,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     return records
 
 
-def apply_sampler_file(bench, args: argparse.Namespace) -> dict | None:
+def apply_sampler_file(bench, args: BenchmarkJob) -> dict | None:
     """Give a diffusion bench's pipeline the ``--sampler`` / ``--sampler-set`` settings; returns their record.
 
     ``None`` when neither is given or the method has no sampler (CycleGAN). The NFE is recomputed from the new
@@ -189,7 +244,10 @@ def apply_sampler_file(bench, args: argparse.Namespace) -> dict | None:
     Raises:
         SystemExit: The settings are refused for this method (e.g. RePaint jumps with DPM-Solver++).
     """
-    spec, fields = getattr(args, "sampler_spec", None), getattr(args, "sampler_fields", None) or {}
+    try:
+        spec, fields = sampler_settings(args)
+    except ValueError as err:
+        raise SystemExit(f"error: {' '.join(str(err).split())}") from None
     pipeline = getattr(bench, "pipeline", None)
     if (spec is None and not fields) or pipeline is None:
         if spec is not None or fields:

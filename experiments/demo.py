@@ -480,8 +480,11 @@ def main(argv: list[str] | None = None) -> int:
         mark_done(out, name, digest, timings[name])
         print(f"[demo] {name}: {timings[name]:.1f} s", flush=True)
 
-    from datamodules import gallery, synthesize
-    from experiments import downstream, evaluate
+    from datamodules.gallery import write_gallery
+    from datamodules.synthesize import SynthesisJob, synthesize
+    from experiments.downstream import DownstreamJob
+    from experiments.downstream import run as run_downstream
+    from experiments.evaluate import EvaluateJob, evaluate
 
     vae_keys = ("vae_tile", "vae_steps", "vae_batch")
     latent_keys = (*vae_keys, "latent_steps", "latent_batch", "cache_variants", "sample_steps", "sample_scheduler",
@@ -489,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     conditional_keys = (*vae_keys, "conditional_steps", "conditional_batch", "conditional_variants",
                         "conditional_sample_steps", "feather")
     baseline_keys = ("baselines", "artifusion_steps", "artifusion_sample_steps", "cyclegan_epochs", "cyclegan_batches")
-    stage("gallery", (), lambda: gallery.main(["--out", str(out / "gallery.png"), "--columns", "4"]))
+    stage("gallery", (), lambda: write_gallery(out / "gallery.png", columns=4))
     stage("train VAE", vae_keys, lambda: train_vae(out, s))
     stage("train latent denoiser + export pipeline", latent_keys, lambda: train_latent(out, s))
     stage("train latent-conditional + export pipeline_conditional", conditional_keys,
@@ -508,9 +511,8 @@ def main(argv: list[str] | None = None) -> int:
         methods += f",artifusion={out / 'artifusion'},cyclegan={out / 'cyclegan'}"
     evalsets = {"evalset": ("test", s.test_count), "evalset_unseen": ("unseen", s.unseen_count)}
     for folder, (split, count) in evalsets.items():
-        argv = ["--bundled", "--split", split, "--balanced", "--count", str(count), "--seed", "0",
-                "--out", str(out / folder)]
-        stage(f"synthesise {folder}", ("test_count", "unseen_count"), lambda a=argv: synthesize.main(a))
+        job = SynthesisJob(out=out / folder, bundled=True, split=split, balanced=True, count=count, seed=0)
+        stage(f"synthesise {folder}", ("test_count", "unseen_count"), lambda j=job: synthesize(j))
 
     def evaluate_segmenter() -> None:
         figures = segmenter_dice(out / SEGMENTER, out / "evalset")
@@ -527,19 +529,18 @@ def main(argv: list[str] | None = None) -> int:
     def restore_and_evaluate() -> None:
         for folder, result in (("evalset", "eval"), ("evalset_unseen", "eval_unseen")):
             shutil.rmtree(out / result, ignore_errors=True)  # restored outputs of older pipelines must not be reused
-            evaluate.main(["--data", str(out / folder), "--methods", methods, "--model", str(out / "pipeline"),
-                           "--out", str(out / result), "--batch-size", "8", "--precision", args.precision,
-                           "--title", "Restoration comparison"])
+            evaluate(EvaluateJob(out=out / result, data=out / folder, methods=methods, model=out / "pipeline",
+                                 batch_size=8, precision=args.precision, title="Restoration comparison"))
 
     stage("restore + evaluate", all_keys, restore_and_evaluate)
     if s.downstream:
         downstream_methods = s.downstream_methods.replace(
             "latent-conditional", f"latent-conditional={out / 'pipeline_conditional'}")
-        downstream_argv = ["--out", str(out / "downstream"), "--methods", downstream_methods,
-                           "--model", str(out / "pipeline")]
+        study_job = DownstreamJob(out=out / "downstream", methods=downstream_methods, model=out / "pipeline",
+                                  quick=args.quick)
 
         def study() -> None:
-            downstream.main(downstream_argv + (["--quick"] if args.quick else []))
+            run_downstream(study_job)
             shutil.copyfile(out / "downstream" / "downstream.json", out / "downstream.json")
 
         stage("downstream classifier study", (*all_keys, "downstream_methods"), study)

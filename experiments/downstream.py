@@ -1,7 +1,10 @@
 r"""Downstream study: does restoring artifacts give a tissue classifier back its accuracy? (docs/METHOD.md section 8).
 
-Trains (or loads) a tissue classifier on clean tiles with a Lightning Trainer, keeping the checkpoint with the best
-VALIDATION accuracy (the authors selected on test, which overstates results). Then, on the held-out test tiles, it
+Trains (or loads) a tissue classifier on clean tiles through the same LightningCLI recipe as ``experiments.train``
+(``configs/base.yaml`` + ``configs/model/classifier_cpu.yaml`` + ``configs/data/bundled_tissue.yaml`` or
+``crc_imagefolder.yaml``, with the job's values as overrides; ``downstream.json`` records them under
+``config.recipe``), keeping the checkpoint with the best VALIDATION accuracy (the authors selected on test, which
+overstates results). Then, on the held-out test tiles, it
 measures accuracy and macro-F1 on (1) the clean tiles, (2) the same tiles with synthesised artifacts (an
 ``ArtifactSynthesizer`` seeded per image, 1-2 artifacts each, at the classifier's input size so they cover a large
 share of the tile) and (3) those tiles restored by each method (``build_restorer``; a method failing on an image
@@ -20,7 +23,7 @@ Usage::
     python -m experiments.downstream --out outputs/d4 --methods identity,latent --model outputs/pipe \
         --sampler experiments/configs/sampler/steps_4.yaml
     # reuse a trained classifier
-    python -m experiments.downstream --out outputs/d2 --classifier-checkpoint outputs/downstream/checkpoints/X.ckpt
+    python -m experiments.downstream --out outputs/d2 --classifier-checkpoint CKPT  # the "checkpoint" of a result
 
 Writes ``OUT/downstream.json`` (``{"clean": {"accuracy", "macro_f1", "ci95", ...}, "artifact": {...},
 "restored": {METHOD: {...}}, "checkpoint", "selected_on": "val", "labels", "n_test", ...}``; ``ci95`` is the
@@ -29,17 +32,19 @@ and ``OUT/confusion_<condition>.png``. ``--wandb`` logs the fit and the results 
 """
 
 import argparse
-import functools
 import json
 import logging
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from experiments.jobs import from_namespace
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -48,8 +53,70 @@ log = logging.getLogger("experiments.downstream")
 QUICK = {"epochs": 3, "image_size": 64, "caps": {"train": 24, "val": 6, "test": 6}}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line arguments."""
+@dataclass
+class DownstreamJob:
+    """One downstream study: the flags of ``python -m experiments.downstream`` as typed values (same names, defaults).
+
+    Attributes:
+        out: Output folder (``downstream.json``, ``downstream.md``, confusion matrices, checkpoints, logs).
+        data: ``"bundled"`` (offline proxy task) or ``"train=DIR,test=DIR[,val=DIR]"`` (one folder per class).
+        classifier_checkpoint: Evaluate this checkpoint instead of training.
+        methods: Comma list of restoration methods, ``NAME=DIR`` giving one its own model folder.
+        model: Pipeline folder for the methods listed without ``=DIR``.
+        steps: Sampling steps of the methods with a sampler.
+        sampler: Sampler settings file for the methods with a sampler.
+        sampler_set: ``KEY=VALUE`` overrides of single ``SamplerConfig`` fields.
+        epochs: Training epochs (``None``: 4, or 3 with ``quick``).
+        quick: Tiny run for tests and smoke checks.
+        classifier_config: Model config of the classifier recipe (``None``: ``configs/model/classifier_cpu.yaml``).
+        classifier: timm model name (``None``: the config's).
+        pretrained: ``"auto"`` (the config's weights for its own classifier, none for another), ``"none"``,
+            ``"bundled-efficientnet-lite0"``, a .pth path or ``"true"``.
+        no_stain_norm: Drop the learnable Lab stain layer.
+        image_size: Classifier input side (``None``: 96 bundled, 224 folders).
+        batch_size: Training and restoration batch.
+        lr: AdamW learning rate (``None``: the config's).
+        weight_decay: AdamW weight decay (``None``: the config's).
+        artifact_resolution: Side at which artifacts are synthesised (0: at input size).
+        max_test: Evaluate only the first N test images.
+        seed: Seed of training, synthesis, restoration and bootstrap.
+        device: ``"cpu"`` or ``"cuda"``.
+        precision: Lightning precision of the fit.
+        num_workers: DataLoader workers.
+        n_boot: Bootstrap resamples of the intervals.
+        wandb: Log to wandb.
+    """
+
+    out: Path
+    data: str = "bundled"
+    classifier_checkpoint: Path | None = None
+    methods: str = "identity,telea,ns"
+    model: Path | None = None
+    steps: int | None = None
+    sampler: Path | None = None
+    sampler_set: list[str] = field(default_factory=list)
+    epochs: int | None = None
+    quick: bool = False
+    classifier_config: Path | None = None
+    classifier: str | None = None
+    pretrained: str = "auto"
+    no_stain_norm: bool = False
+    image_size: int | None = None
+    batch_size: int = 16
+    lr: float | None = None
+    weight_decay: float | None = None
+    artifact_resolution: int = 256
+    max_test: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+    precision: str = "32-true"
+    num_workers: int = 0
+    n_boot: int = 2000
+    wandb: bool = False
+
+
+def parse_args(argv: list[str] | None = None) -> DownstreamJob:
+    """Command-line arguments as a :class:`DownstreamJob` (sampler settings checked here, before any model loads)."""
     p = argparse.ArgumentParser(prog="python -m experiments.downstream", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--data", default="bundled",
@@ -66,15 +133,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="set one SamplerConfig field (YAML value) for the methods with a sampler; repeatable")
     p.add_argument("--epochs", type=int, help="training epochs (default 4; 3 with --quick)")
     p.add_argument("--quick", action="store_true", help="tiny run for tests and smoke checks (about a minute)")
-    p.add_argument("--classifier", default="tf_efficientnet_lite0", help="timm model name")
+    p.add_argument("--classifier-config", type=Path,
+                   help="model config of the classifier recipe (default experiments/configs/model/classifier_cpu.yaml; "
+                        "classifier_paper.yaml is the paper's densenet121)")
+    p.add_argument("--classifier", help="timm model name (default: the config's, tf_efficientnet_lite0)")
     p.add_argument("--pretrained", default="auto",
-                   help="'auto' (bundled ImageNet weights for tf_efficientnet_lite0, else none), 'none', "
+                   help="'auto' (the config's bundled ImageNet weights for tf_efficientnet_lite0, else none), 'none', "
                         "'bundled-efficientnet-lite0', a .pth path, or 'true' (timm download: needs network)")
     p.add_argument("--no-stain-norm", action="store_true", help="drop the learnable Lab stain layer")
     p.add_argument("--image-size", type=int, help="classifier input side (default 96 bundled, 224 folders)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=1e-5)
+    p.add_argument("--lr", type=float, help="AdamW learning rate (default: the config's, 1e-3)")
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default: the config's, 1e-5)")
     p.add_argument("--artifact-resolution", type=int, default=256,
                    help="synthesise artifacts on the image resized to this side, then resize back, so artifact sizes "
                         "match the synthesizer's 256 px design whatever the classifier input size (0: at input size)")
@@ -85,15 +155,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--n-boot", type=int, default=2000)
     p.add_argument("--wandb", action="store_true", help="log to wandb (offline unless WANDB_MODE=online)")
-    args = p.parse_args(argv)
+    job = from_namespace(DownstreamJob, p.parse_args(argv))
     try:
-        args.sampler_spec, args.sampler_kwargs = resolve_sampler(args)
+        resolve_sampler(job)
     except ValueError as err:
         p.error(str(err))
-    return args
+    return job
 
 
-def resolve_sampler(args: argparse.Namespace):
+def resolve_sampler(args: DownstreamJob):
     """``(--sampler file content or None, effective restore keyword arguments)`` for the methods with a sampler.
 
     Raises:
@@ -118,18 +188,20 @@ def resolve_sampler(args: argparse.Namespace):
     return spec, sampler_kwargs(spec, fields)
 
 
-# ----------------------------------------------------------------------------------------------------------- data
+# ------------------------------------------------------------------------------------------------------ recipe
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+DATA_CONFIGS = {"bundled": "bundled_tissue.yaml", "folders": "crc_imagefolder.yaml"}
 
 
-def build_datamodule(args: argparse.Namespace):
-    """The classification data module named by ``--data``."""
-    from datamodules.classification import BundledTissueDataModule, ImageFolderClassificationDataModule
+def data_roots(args: DownstreamJob) -> dict[str, str]:
+    """``{}`` for ``data="bundled"``, else the ``train`` / ``val`` / ``test`` folders of ``train=DIR,test=DIR``.
 
-    common = {"batch_size": args.batch_size, "num_workers": args.num_workers, "seed": args.seed}
+    Raises:
+        SystemExit: A malformed value, or no test folder (or no train folder when a classifier is to be trained).
+    """
     if args.data == "bundled":
-        caps = QUICK["caps"] if args.quick else None
-        size = args.image_size or (QUICK["image_size"] if args.quick else 96)
-        return BundledTissueDataModule(image_size=size, max_per_class=caps, **common)
+        return {}
     roots = {}
     for part in args.data.split(","):
         key, _, value = part.partition("=")
@@ -138,67 +210,103 @@ def build_datamodule(args: argparse.Namespace):
         roots[key.strip()] = value.strip()
     if "test" not in roots or ("train" not in roots and args.classifier_checkpoint is None):
         raise SystemExit(f"--data needs test=DIR and (unless --classifier-checkpoint) train=DIR, got {args.data!r}")
-    return ImageFolderClassificationDataModule(
-        root_train=roots.get("train", roots["test"]), root_val=roots.get("val"), root_test=roots["test"],
-        image_size=args.image_size or 224, **common,
-    )
+    return roots
 
 
-# ------------------------------------------------------------------------------------------------------ classifier
+def recipe_args(args: DownstreamJob) -> list[str]:
+    """LightningCLI arguments of the classifier recipe: the configs ``experiments.train`` composes + the job's values.
+
+    ``base.yaml`` + ``model/classifier_cpu.yaml`` (or ``args.classifier_config``) + ``data/bundled_tissue.yaml`` or
+    ``data/crc_imagefolder.yaml``; the job overrides only what it sets (seed, epochs, precision, sizes, folders, the
+    classifier name, weights and optimiser values), so ``python -m experiments.train fit`` with the same files trains
+    the same classifier.
+    """
+    roots = data_roots(args)
+    model_config = args.classifier_config or CONFIGS / "model" / "classifier_cpu.yaml"
+    data_config = CONFIGS / "data" / DATA_CONFIGS["folders" if roots else "bundled"]
+    out = [f"--config={CONFIGS / 'base.yaml'}", f"--config={model_config}", f"--config={data_config}",
+           f"--seed_everything={args.seed}", f"--trainer.default_root_dir={args.out}",
+           f"--trainer.precision={args.precision}", "--trainer.devices=1",
+           f"--trainer.accelerator={'gpu' if args.device.startswith('cuda') else 'cpu'}"]
+    if args.wandb:
+        out += [f"--trainer.logger.init_args.save_dir={args.out}", f"--trainer.logger.init_args.name=downstream-"
+                f"{args.out.name}"]
+    else:
+        out += ["--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+                f"--trainer.logger.init_args.save_dir={args.out}", "--trainer.logger.init_args.name=logs"]
+    epochs = args.epochs or (QUICK["epochs"] if args.quick else None)
+    if epochs:
+        out.append(f"--trainer.max_epochs={epochs}")
+    net = "--model.init_args.net.init_args"
+    if args.classifier is not None:
+        out.append(f"{net}.name={args.classifier}")
+    pretrained = _pretrained(args)
+    if pretrained is not None:
+        out.append(f"{net}.pretrained={str(pretrained).lower() if isinstance(pretrained, bool) else pretrained}")
+    if args.no_stain_norm:
+        out.append(f"{net}.stain_norm=false")
+    optim = "--model.init_args.optimizer.init_args"
+    out += [f"{optim}.lr={args.lr}"] if args.lr is not None else []
+    out += [f"{optim}.weight_decay={args.weight_decay}"] if args.weight_decay is not None else []
+    data = "--data.init_args"
+    out += [f"{data}.batch_size={args.batch_size}", f"{data}.num_workers={args.num_workers}",
+            f"{data}.seed={args.seed}"]
+    size = args.image_size or (QUICK["image_size"] if args.quick and not roots else None)
+    if size:
+        out.append(f"{data}.image_size={size}")
+    if roots:
+        classes = folder_classes(Path(roots.get("train", roots["test"])))
+        out += [f"{data}.root_train={roots.get('train', roots['test'])}", f"{data}.root_test={roots['test']}",
+                f"--model.init_args.num_classes={len(classes)}", f"{net}.num_classes={len(classes)}",
+                f"--model.init_args.class_names={json.dumps(classes)}"]
+        out += [f"{data}.root_val={roots['val']}"] if "val" in roots else []
+    elif args.quick:
+        out.append(f"{data}.max_per_class={json.dumps(QUICK['caps'])}")
+    return out
 
 
-def _pretrained(args: argparse.Namespace) -> str | bool:
+def folder_classes(root: Path) -> list[str]:
+    """The class names of a class-folder dataset: its immediate, non-hidden sub-folders, sorted."""
+    if not root.is_dir():
+        raise SystemExit(f"--data: {root} is not a folder")
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def build_recipe(args: DownstreamJob):
+    """The instantiated LightningCLI (``cli.model``, ``cli.datamodule`` set up for fit, ``cli.trainer``); nothing runs.
+
+    The classifier is built under ``seed_everything(args.seed)`` right before, so it does not depend on what drew from
+    the global RNG earlier (building the restorers does).
+    """
+    from experiments.train import cli_main
+
+    cli = cli_main(recipe_args(args), run=False)
+    cli.datamodule.setup("fit")
+    if cli.model.hparams.num_classes != cli.datamodule.num_classes:
+        raise SystemExit(f"the classifier has {cli.model.hparams.num_classes} classes but the data "
+                         f"{cli.datamodule.num_classes} ({cli.datamodule.class_names}); fix num_classes in the config")
+    return cli
+
+
+def _pretrained(args: DownstreamJob) -> str | bool | None:
+    """The ``pretrained`` value to set (``None``: keep the config's)."""
     value = args.pretrained
     if value == "auto":
-        return "bundled-efficientnet-lite0" if args.classifier == "tf_efficientnet_lite0" else False
+        # the config's weights belong to its classifier; another timm model starts from random init (no network)
+        return None if args.classifier in (None, "tf_efficientnet_lite0") else False
     return {"none": False, "false": False, "true": True}.get(value.lower(), value)
 
 
-def _logger(args: argparse.Namespace):
-    if args.wandb:
-        from lightning.pytorch.loggers import WandbLogger
-
-        offline = os.environ.get("WANDB_MODE", "offline") != "online"
-        return WandbLogger(project="latent-artifusion", name=f"downstream-{args.out.name}", save_dir=str(args.out),
-                           offline=offline, job_type="downstream")
-    from lightning.pytorch.loggers import CSVLogger
-
-    return CSVLogger(str(args.out), name="logs")
-
-
-def train_classifier(args: argparse.Namespace, dm, logger) -> tuple[Any, str, dict[str, float]]:
-    """Fit the classifier on the train split; returns (best module, checkpoint path, its val metrics)."""
-    import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
+def train_classifier(cli) -> tuple[Any, str, dict[str, float]]:
+    """Fit the recipe's classifier on the train split; returns (best module by val accuracy, checkpoint, val)."""
     from lightning_modules.classifier import TissueClassifierModule
-    from lightning_modules.components.classifiers import build_classifier
 
-    spec = {"name": args.classifier, "num_classes": dm.num_classes, "pretrained": _pretrained(args),
-            "stain_norm": not args.no_stain_norm}
-    # seeded here, not only at the start: building the restorers draws from the global RNG (random init before their
-    # weights load), so without this the classifier would change with the --methods list
-    L.seed_everything(args.seed, workers=True, verbose=False)
-    net = build_classifier(**spec)
-    module = TissueClassifierModule(
-        net, num_classes=dm.num_classes, class_names=dm.class_names, net_spec=spec,
-        optimizer=functools.partial(torch.optim.AdamW, lr=args.lr, weight_decay=args.weight_decay),
-    )
-    checkpoint = ModelCheckpoint(dirpath=args.out / "checkpoints", filename="classifier-epoch{epoch:02d}",
-                                 monitor="val/acc", mode="max", save_top_k=1, auto_insert_metric_name=False)
-    epochs = args.epochs or (QUICK["epochs"] if args.quick else 4)
-    trainer = L.Trainer(
-        max_epochs=epochs, accelerator="gpu" if args.device.startswith("cuda") else "cpu", devices=1,
-        precision=args.precision, logger=logger, callbacks=[checkpoint], log_every_n_steps=5,
-        num_sanity_val_steps=0, enable_progress_bar=True, deterministic=False,
-    )
-    trainer.fit(module, datamodule=dm)
-    best = checkpoint.best_model_path
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    checkpoint = cli.trainer.checkpoint_callback
+    best = checkpoint.best_model_path if checkpoint is not None else ""
     if not best:
-        raise RuntimeError("training produced no checkpoint (was val/acc logged?)")
-    loaded = TissueClassifierModule.load_for_eval(best)
-    val = {"accuracy": float(checkpoint.best_model_score)}
-    return loaded, best, val
+        raise RuntimeError("training produced no checkpoint (does the config's ModelCheckpoint monitor val/acc?)")
+    return TissueClassifierModule.load_for_eval(best), best, {"accuracy": float(checkpoint.best_model_score)}
 
 
 def load_classifier(path: Path, dm):
@@ -217,19 +325,25 @@ def load_classifier(path: Path, dm):
 
 
 def macro_f1(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> float:
-    """Macro-F1 over the classes that occur in labels or predictions (as torchmetrics and sklearn count them)."""
-    cm = confusion(labels, preds, num_classes)
-    tp = np.diag(cm).astype(np.float64)
-    fp, fn = cm.sum(0) - tp, cm.sum(1) - tp
-    present = (tp + fp + fn) > 0
-    if not present.any():
+    """Macro-F1 (torchmetrics) over the classes that occur in labels or predictions; NaN for no images."""
+    from torchmetrics.functional.classification import multiclass_f1_score
+
+    labels, preds = np.asarray(labels, np.int64), np.asarray(preds, np.int64)
+    present = np.union1d(labels, preds)
+    if not len(present):
         return float("nan")
-    return float(np.mean(2 * tp[present] / (2 * tp[present] + fp[present] + fn[present])))
+    per_class = multiclass_f1_score(torch.from_numpy(preds), torch.from_numpy(labels), num_classes, average="none",
+                                   validate_args=False)
+    return float(per_class[torch.from_numpy(present)].mean())
 
 
 def confusion(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.ndarray:
-    """(K, K) counts, rows = true class, columns = predicted class."""
-    return np.bincount(labels * num_classes + preds, minlength=num_classes**2).reshape(num_classes, num_classes)
+    """(K, K) counts (torchmetrics), rows = true class, columns = predicted class."""
+    from torchmetrics.functional.classification import multiclass_confusion_matrix
+
+    labels, preds = np.asarray(labels, np.int64), np.asarray(preds, np.int64)
+    return multiclass_confusion_matrix(torch.from_numpy(preds), torch.from_numpy(labels), num_classes,
+                                       validate_args=False).numpy()
 
 
 def condition_metrics(labels: np.ndarray, preds: np.ndarray, num_classes: int, *, n_boot: int, seed: int) -> dict:
@@ -325,7 +439,8 @@ def _restore_batch(restorer, corrupted: torch.Tensor, mask: torch.Tensor, names:
 
 
 @torch.no_grad()
-def evaluate(module, dataset, restorers: dict, *, args: argparse.Namespace) -> dict[str, Any]:
+def evaluate(module, dataset, restorers: dict, *, args: DownstreamJob, sampler_kwargs: dict | None = None
+             ) -> dict[str, Any]:
     """Predictions for clean, artifact and restored versions of every test image (streamed in batches)."""
     from tqdm.auto import tqdm
 
@@ -372,7 +487,7 @@ def evaluate(module, dataset, restorers: dict, *, args: argparse.Namespace) -> d
             examples = {"clean": clean_t[:4], "artifact": corrupted_t[:4]}
         for method, restorer in restorers.items():
             generator = torch.Generator(device="cpu").manual_seed(args.seed * 100003 + start)
-            extra = dict(args.sampler_kwargs) if takes_sampler(restorer) else {}
+            extra = dict(sampler_kwargs or {}) if takes_sampler(restorer) else {}
             # restorers run at the synthesis resolution (their models' tile size), the classifier at its input size
             outs, fails = _restore_batch(restorer, big_t.to(device), big_mask_t.to(device), batch_names, generator,
                                          **extra)
@@ -484,11 +599,16 @@ def _json_safe(obj):
     return obj
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """The whole study; returns the content of ``downstream.json``."""
+def run(args: DownstreamJob) -> dict[str, Any]:
+    """The whole study; returns the content of ``downstream.json``.
+
+    Raises:
+        ValueError: Bad sampler settings, or sampler settings but no method with a sampler (before any model loads).
+    """
     from lightning_modules.components.restorer import parse_method_specs
     from lightning_modules.methods import build_restorer
 
+    spec, sampler_kwargs = resolve_sampler(args)
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     specs = parse_method_specs(args.methods, args.model)
@@ -496,17 +616,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     restorers = {}
     for m, model in specs.items():  # build first: a bad method name or missing --model fails before any training
         restorers[m] = build_restorer(m, model=model, device=args.device)
-    sampler = _sampler_config(args, restorers)
-    dm = build_datamodule(args)
-    dm.setup("fit")
-    logger = _logger(args) if args.classifier_checkpoint is None or args.wandb else None
+    sampler = _sampler_config(args, restorers, spec, sampler_kwargs)
+    cli = build_recipe(args)
+    dm, logger = cli.datamodule, cli.trainer.logger
     try:
         if args.classifier_checkpoint is not None:
             module, ckpt, val = load_classifier(args.classifier_checkpoint, dm), str(args.classifier_checkpoint), {}
         else:
-            module, ckpt, val = train_classifier(args, dm, logger)
+            module, ckpt, val = train_classifier(cli)
         start = time.perf_counter()
-        raw = evaluate(module, dm.datasets["test"], restorers, args=args)
+        raw = evaluate(module, dm.datasets["test"], restorers, args=args, sampler_kwargs=sampler_kwargs)
         eval_seconds = time.perf_counter() - start
         k, stats = dm.num_classes, {"n_boot": args.n_boot, "seed": args.seed}
         labels = np.asarray(raw["labels"])
@@ -524,8 +643,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "failures": raw["failures"],
             "n_boot": args.n_boot,
             "eval_seconds": eval_seconds,
-            "config": {"data": args.data, "classifier": args.classifier, "pretrained": str(_pretrained(args)),
-                       "stain_norm": not args.no_stain_norm, "image_size": dm.image_size, "methods": methods,
+            "config": {"data": args.data, "classifier": cli.model.hparams.net_spec.get("name")
+                       if cli.model.hparams.net_spec else args.classifier, "recipe": recipe_args(args),
+                       "pretrained": str(cli.model.hparams.net_spec.get("pretrained")) if cli.model.hparams.net_spec
+                       else None, "stain_norm": not args.no_stain_norm, "image_size": dm.image_size, "methods": methods,
                        "quick": args.quick, "seed": args.seed, "sampler_file": sampler},
             "figures": [],
         }
@@ -551,7 +672,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             wandb.finish()
 
 
-def _sampler_config(args: argparse.Namespace, restorers: dict) -> dict:
+def _sampler_config(args: DownstreamJob, restorers: dict, spec, sampler_kwargs: dict) -> dict:
     """Log which methods take the sampler settings; returns the sampler file record (with ``applied_to``)."""
     from lightning_modules.components.restorer import takes_sampler
     from lightning_modules.components.sampler_files import sampler_record
@@ -561,7 +682,7 @@ def _sampler_config(args: argparse.Namespace, restorers: dict) -> dict:
         others = [m for m in restorers if m not in applied]
         log.info("sampler settings %s apply to %s%s", args.sampler or "from --sampler-set", ", ".join(applied),
                  f"; not to {', '.join(others)} (no sampler)" if others else "")
-    return {**sampler_record(args.sampler, args.sampler_spec, args.sampler_kwargs), "applied_to": applied}
+    return {**sampler_record(args.sampler, spec, sampler_kwargs), "applied_to": applied}
 
 
 def _log_wandb(logger, result: dict, out: Path) -> None:

@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from experiments.cli_errors import (
@@ -37,6 +38,7 @@ from experiments.cli_errors import (
     check_range,
     run_main,
 )
+from experiments.jobs import from_namespace
 from experiments.report import (
     by_artifact_type,
     comparison_grid,
@@ -54,8 +56,63 @@ from lightning_modules.methods import available_restorers
 log = logging.getLogger("experiments.evaluate")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line arguments."""
+@dataclass
+class EvaluateJob:
+    """One evaluation: the flags of ``python -m experiments.evaluate`` as typed values (same names and defaults).
+
+    Run mode sets ``data`` and ``methods``; score mode sets ``clean``, ``masks`` and ``restored``.
+
+    Attributes:
+        out: Report folder (``metrics.csv``, ``summary.json``, ``report.md``, ``grid.png``, ``restored/``).
+        clean: Score mode: folder of clean references.
+        masks: Score mode: folder of masks.
+        restored: Score mode: ``NAME=DIR`` items, one per restored folder.
+        data: Run mode: evaluation set with ``clean/``, ``corrupted/``, ``masks/``.
+        methods: Run mode: comma list of method names, ``NAME=DIR`` giving one its own model folder.
+        model: Model folder for the methods listed without ``=DIR``.
+        steps: Sampling steps of the methods with a sampler.
+        sampler: Sampler settings file for every method with a sampler.
+        sampler_set: ``KEY=VALUE`` overrides of single ``SamplerConfig`` fields.
+        batch_size: Tiles per model call.
+        seed: Seed of restoration noise and of the bootstrap.
+        device: Torch device.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+        mask_convention: ``"artifact"`` (255 = artifact) or ``"keep"``.
+        paper_compatible: Also score with the authors' data-range variants (``paper_`` rows).
+        wandb: Log a table and the grid to wandb.
+        title: Report title.
+        references: Comma list of the methods every other one is paired against.
+        no_kid: Skip the KID realism score.
+        force: Redo restored outputs already in ``out``.
+        debug: Raise instead of skipping a failing batch.
+    """
+
+    out: Path
+    clean: Path | None = None
+    masks: Path | None = None
+    restored: list[str] = field(default_factory=list)
+    data: Path | None = None
+    methods: str = ""
+    model: Path | None = None
+    steps: int | None = None
+    sampler: Path | None = None
+    sampler_set: list[str] = field(default_factory=list)
+    batch_size: int = 4
+    seed: int = 0
+    device: str = "cpu"
+    precision: str = "fp32"
+    mask_convention: str = "artifact"
+    paper_compatible: bool = False
+    wandb: bool = False
+    title: str = "Restoration comparison"
+    references: str = "identity,telea"
+    no_kid: bool = False
+    force: bool = False
+    debug: bool = False
+
+
+def parse_args(argv: list[str] | None = None) -> EvaluateJob:
+    """Command-line arguments as an :class:`EvaluateJob`."""
     p = argparse.ArgumentParser(prog="python -m experiments.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--clean", type=Path, help="folder of clean references (score mode)")
@@ -85,10 +142,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-kid", action="store_true", help="skip the KID realism score (needs the offline weights)")
     p.add_argument("--force", action="store_true", help="redo the restored outputs of --data runs already in --out")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors (or LAF_DEBUG=1)")
-    return p.parse_args(argv)
+    return from_namespace(EvaluateJob, p.parse_args(argv))
 
 
-def validate_args(args: argparse.Namespace) -> tuple[dict, dict]:
+def validate_args(args: EvaluateJob) -> tuple[dict, dict]:
     """Check every value before any model loads; returns ``{method: model}`` (run mode) and ``{name: folder}``."""
     check_range("--steps", args.steps, low=1)
     check_range("--batch-size", args.batch_size, low=1)
@@ -147,7 +204,7 @@ def sampler_methods(methods: dict) -> list[str]:
     return [m for m, model in methods.items() if has_sampler(m, model)]
 
 
-def check_sampler_args(args: argparse.Namespace, methods: dict) -> None:
+def check_sampler_args(args: EvaluateJob, methods: dict) -> None:
     """Validate ``--sampler`` / ``--sampler-set`` before any model loads and say which methods they apply to."""
     if args.sampler is None and not args.sampler_set:
         return
@@ -166,33 +223,23 @@ def check_sampler_args(args: argparse.Namespace, methods: dict) -> None:
                 f"; not to {', '.join(others)} (no sampler)" if others else "")
 
 
-def _sampler_argv(args: argparse.Namespace) -> list[str]:
-    """``restore`` arguments forwarding ``--sampler`` and every ``--sampler-set``."""
-    argv = ["--sampler", str(args.sampler)] if args.sampler is not None else []
-    return argv + [a for item in args.sampler_set for a in ("--sampler-set", item)]
-
-
-def run_methods(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, dict]]:
-    """Restore ``--data/corrupted`` with every method into ``OUT/restored/NAME``; returns folders and timings."""
-    from experiments.restore import parse_args as restore_args
-    from experiments.restore import restore_folder
+def run_methods(args: EvaluateJob) -> tuple[dict[str, Path], dict[str, dict]]:
+    """Restore ``data/corrupted`` with every method into ``out/restored/NAME``; returns folders and timings."""
+    from experiments.restore import RestoreJob, restore_folder
 
     folders, timings = {}, {}
     methods = parse_method_specs(args.methods, args.model)
     with_sampler = sampler_methods(methods)
     for method, model in methods.items():
         out = args.out / "restored" / method
-        argv = ["--method", method, "--images", str(args.data / "corrupted"), "--masks", str(args.data / "masks"),
-                "--out", str(out), "--batch-size", str(args.batch_size), "--seed", str(args.seed),
-                "--device", args.device, "--precision", args.precision, "--mask-convention", args.mask_convention]
-        if model is not None:
-            argv += ["--model", str(model)]
-        if args.steps is not None and method.startswith("latent"):
-            argv += ["--steps", str(args.steps)]
-        if method in with_sampler:
-            argv += _sampler_argv(args)
-        argv += ["--force"] * args.force + ["--debug"] * args.debug
-        stats = restore_folder(restore_args(argv))
+        sampled = method in with_sampler
+        job = RestoreJob(images=args.data / "corrupted", masks=args.data / "masks", out=out, method=method,
+                         model=model, steps=args.steps if sampled else None,
+                         sampler=args.sampler if sampled else None,
+                         sampler_set=list(args.sampler_set) if sampled else [], batch_size=args.batch_size,
+                         seed=args.seed, device=args.device, precision=args.precision,
+                         mask_convention=args.mask_convention, force=args.force, debug=args.debug)
+        stats = restore_folder(job)
         folders[method] = out
         if stats["done"] + stats["resumed"] == 0:
             print(f"warning: {method} restored none of the {stats['pairs']} paired tiles (reasons above)")
@@ -207,7 +254,7 @@ def run_methods(args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, di
             "device": args.device,
             "precision": args.precision,
             "batch_size": args.batch_size,
-            "sampler_file": stats["sampler"] if method in with_sampler else None,
+            "sampler_file": stats["sampler"] if sampled else None,
         }
     return folders, timings
 
@@ -219,7 +266,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    args = parse_args(argv)
+    evaluate(parse_args(argv))
+    return 0
+
+
+def evaluate(args: EvaluateJob) -> dict:
+    """Score (and in run mode first restore) as ``args`` says; writes the report files and returns the summary.
+
+    Raises:
+        CLIError: A bad value (code 2), nothing to score, or a method that scored no image (code 1; the report of
+            the other methods is written first).
+    """
     _, restored = validate_args(args)
     timings: dict[str, dict] = {}
     if args.data is not None:
@@ -286,12 +343,12 @@ def _main(argv: list[str]) -> int:
     if empty:
         raise CLIError(f"method(s) {', '.join(empty)} scored none of the {len(names)} images (reasons above); the "
                        "report covers the others", code=1)
-    return 0
+    return summary
 
 
-def sampler_summary(args: argparse.Namespace, timings: dict[str, dict]) -> dict | None:
+def sampler_summary(args: EvaluateJob, timings: dict[str, dict]) -> dict | None:
     """The sampler file (path and content), the ``--sampler-set`` fields and each method's effective overrides."""
-    if getattr(args, "sampler", None) is None and not getattr(args, "sampler_set", None):
+    if args.sampler is None and not args.sampler_set:
         return None
     records = {m: t["sampler_file"] for m, t in timings.items() if t.get("sampler_file")}
     spec = next((r["spec"] for r in records.values()), None)

@@ -24,15 +24,49 @@
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from experiments.jobs import from_namespace
+
 KINDS = ("vae", "latent", "conditional", "artifusion", "cyclegan", "segmenter", "refiner")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line arguments."""
+@dataclass
+class ExportJob:
+    """One export: the flags of ``python -m experiments.export`` as typed values (same names and defaults).
+
+    Attributes:
+        kind: One of :data:`KINDS`.
+        ckpt: Lightning checkpoint written by ``experiments.train``.
+        out: Export folder (for ``refiner``: the pipeline folder it is added to).
+        steps: Default sampling steps stored in a pipeline (``None``: latent/artifusion 50, conditional measured).
+        decode: How sampled latents become pixels (``None``: the method's default).
+        feather: Paste-back seam width in pixels.
+        scheduler: Default scheduler stored in a latent pipeline.
+        image_size: Tile side of the pipeline (segmenter: its tile size).
+        paper_sampler: ArtiFusion: store the 2410-NFE RePaint preset.
+        sources: VAE: tiles for the latent scaling factor.
+        scale_tiles: VAE: number of tiles for the scaling factor.
+    """
+
+    kind: str
+    ckpt: Path
+    out: Path
+    steps: int | None = None
+    decode: str | None = None
+    feather: int = 2
+    scheduler: str = "ddim"
+    image_size: int = 256
+    paper_sampler: bool = False
+    sources: str = "bundled"
+    scale_tiles: int = 64
+
+
+def parse_args(argv: list[str] | None = None) -> ExportJob:
+    """Command-line arguments as an :class:`ExportJob`."""
     p = argparse.ArgumentParser(prog="python -m experiments.export", description=__doc__.split("\n\n")[0])
     p.add_argument("kind", choices=KINDS)
     p.add_argument("--ckpt", type=Path, required=True, help="Lightning checkpoint written by experiments.train")
@@ -47,10 +81,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--paper-sampler", action="store_true", help="artifusion: store the 2410-NFE RePaint preset")
     p.add_argument("--sources", default="bundled", help="vae: tiles for the scaling factor (bundled, folder, slide)")
     p.add_argument("--scale-tiles", type=int, default=64, help="vae: number of tiles for the scaling factor")
-    return p.parse_args(argv)
+    return from_namespace(ExportJob, p.parse_args(argv))
 
 
-def export(args: argparse.Namespace) -> Path:
+def export(args: ExportJob) -> Path:
     """Load the checkpoint for ``args.kind`` and write its export folder."""
     if not args.ckpt.is_file():
         raise SystemExit(f"{args.ckpt} is not a file: pass a checkpoint written by experiments.train")

@@ -74,7 +74,7 @@ def train_snapshots(method: str, demo: Path, budgets: list[float], out: Path, *,
 def evaluate_snapshots(method: str, snapshots: list[dict], evalset: Path, out: Path, *, tiles: int | None,
                        precision: str) -> list[dict]:
     """Restore and score the evaluation tiles with every snapshot; adds artifact PSNR/SSIM to each record."""
-    from experiments import evaluate
+    from experiments.evaluate import EvaluateJob, evaluate
 
     data = evalset
     if tiles is not None:
@@ -85,8 +85,8 @@ def evaluate_snapshots(method: str, snapshots: list[dict], evalset: Path, out: P
     for snap in snapshots:
         result = out / method / f"eval_t{int(snap['budget_s']):05d}s"
         if not (result / "summary.json").is_file():
-            evaluate.main(["--data", str(data), "--methods", f"{method}={snap['path']}", "--out", str(result),
-                           "--batch-size", "8", "--precision", precision, "--no-kid", "--references", ""])
+            evaluate(EvaluateJob(out=result, data=data, methods=f"{method}={snap['path']}", batch_size=8,
+                                 precision=precision, no_kid=True, references=""))
         summary = json.loads((result / "summary.json").read_text())
         artifact = summary["metrics"][method]["artifact"]
         rows.append({**snap, "method": method, "psnr": artifact["psnr"], "ssim": artifact["ssim"]})

@@ -48,7 +48,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -75,9 +75,10 @@ from experiments.cli_errors import (
     one_line,
     run_main,
 )
+from experiments.jobs import from_namespace
 from experiments.scoring import index_images
 from lightning_modules.components.pipeline import denoiser_downsampling
-from lightning_modules.components.restorer import takes_sampler
+from lightning_modules.components.restorer import Restorer, takes_sampler
 from lightning_modules.components.sampler_files import (
     SamplerSpec,
     check_overrides,
@@ -97,8 +98,57 @@ MANIFEST_FORMAT = 1
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line arguments."""
+@dataclass
+class RestoreJob:
+    """One folder restoration: the flags of ``python -m experiments.restore`` as typed values (same names, defaults).
+
+    Attributes:
+        images: Folder of corrupted tiles (recursive).
+        masks: Folder of masks with the same relative paths, or ``Path("auto")`` to predict them with ``mask_model``.
+        out: Output folder (PNGs with the images' relative paths, the manifest, ``skipped.tsv``).
+        method: Name in the method table (``lightning_modules/methods.py``).
+        model: Model folder of the method (a pipeline folder for the diffusion methods).
+        mask_model: Exported artifact segmenter for ``masks=auto``.
+        mask_threshold: Probability threshold in (0, 1) for ``masks=auto`` (``None``: the segmenter's).
+        steps: Sampling steps (``None``: the pipeline's).
+        preset: Sampler preset, ``"repaint"`` or ``"reference"``.
+        scheduler: ``"ddpm"``, ``"ddim"`` or ``"dpmsolver++"``.
+        strength: In (0, 1]: start at strength x T.
+        sampler: Sampler settings file (``experiments/configs/sampler/*.yaml``); the fields above win over it.
+        sampler_set: ``KEY=VALUE`` overrides of single ``SamplerConfig`` fields (YAML values), applied last.
+        batch_size: Tiles per model call (part of the settings a resume must match).
+        seed: Seed of the per-batch noise generators.
+        device: Torch device.
+        precision: Autocast precision, ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+        mask_convention: ``"artifact"`` (255 = artifact) or ``"keep"`` (the authors' 255 = keep).
+        force: Redo every output whatever settings made the ones in ``out``.
+        debug: Raise on a failing batch instead of skipping its tiles.
+    """
+
+    images: Path
+    masks: Path
+    out: Path
+    method: str = "latent"
+    model: Path | None = None
+    mask_model: Path | None = None
+    mask_threshold: float | None = None
+    steps: int | None = None
+    preset: str | None = None
+    scheduler: str | None = None
+    strength: float | None = None
+    sampler: Path | None = None
+    sampler_set: list[str] = field(default_factory=list)
+    batch_size: int = 4
+    seed: int = 0
+    device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
+    precision: str = "fp32"
+    mask_convention: str = "artifact"
+    force: bool = False
+    debug: bool = False
+
+
+def parse_args(argv: list[str] | None = None) -> RestoreJob:
+    """Command-line arguments as a :class:`RestoreJob`."""
     p = argparse.ArgumentParser(prog="python -m experiments.restore", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, help="exported pipeline folder (methods latent, latent-reference, ...)")
     p.add_argument("--method", default="latent", help=f"restoration method: {', '.join(available_restorers())}")
@@ -128,7 +178,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(the authors'); masks with any other values are skipped")
     p.add_argument("--force", action="store_true", help="redo every output, whatever settings made the ones in --out")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors (or LAF_DEBUG=1)")
-    return p.parse_args(argv)
+    return from_namespace(RestoreJob, p.parse_args(argv))
 
 
 def uses_model(method: str) -> bool:
@@ -145,22 +195,22 @@ def has_sampler(method: str, model: Path | None) -> bool:
     return method_spec(method).takes_sampler and model is not None and (Path(model) / "pipeline.json").is_file()
 
 
-def sampler_requested(args: argparse.Namespace) -> bool:
+def sampler_requested(args: RestoreJob) -> bool:
     """Whether ``--sampler`` or ``--sampler-set`` was given."""
-    return getattr(args, "sampler", None) is not None or bool(getattr(args, "sampler_set", None))
+    return args.sampler is not None or bool(args.sampler_set)
 
 
-def resolve_sampler(args: argparse.Namespace) -> tuple[SamplerSpec | None, dict]:
+def resolve_sampler(args: RestoreJob) -> tuple[SamplerSpec | None, dict]:
     """The ``--sampler`` file's content and the effective ``restore`` keyword arguments (file, then the flags).
 
     Raises:
         CLIError: An unreadable or invalid file, a bad ``--sampler-set``, or settings that contradict each other.
     """
-    path = getattr(args, "sampler", None)
+    path = args.sampler
     try:
         spec = None if path is None else load_sampler_file(path)
         fields = merge_cli_overrides({"num_steps": args.steps, "strength": args.strength},
-                                     parse_sampler_sets(getattr(args, "sampler_set", None)))
+                                     parse_sampler_sets(args.sampler_set))
         kwargs = sampler_kwargs(spec, {"preset": args.preset, "scheduler": args.scheduler, **fields})
         source = "sampler settings" + (f" of {path} and the command line" if path is not None else "")
         check_overrides({k: v for k, v in kwargs.items() if k not in ("preset", "scheduler")}, source=source,
@@ -170,7 +220,7 @@ def resolve_sampler(args: argparse.Namespace) -> tuple[SamplerSpec | None, dict]
     return spec, kwargs
 
 
-def check_sampler_method(args: argparse.Namespace) -> None:
+def check_sampler_method(args: RestoreJob) -> None:
     """Refuse ``--sampler`` / ``--sampler-set`` for a method that has no sampler (classical methods, CycleGAN)."""
     if sampler_requested(args) and not has_sampler(args.method, args.model):
         raise CLIError(f"--method {args.method} has no diffusion sampler, so --sampler and --sampler-set do not "
@@ -178,14 +228,14 @@ def check_sampler_method(args: argparse.Namespace) -> None:
                        "latent-reference, artifusion)")
 
 
-def auto_masks(args: argparse.Namespace) -> bool:
+def auto_masks(args: RestoreJob) -> bool:
     """Whether ``--masks auto``: masks are predicted by ``--mask-model`` (``./auto`` is a folder named auto)."""
     return str(args.masks) == "auto"
 
 
-def check_mask_model(args: argparse.Namespace) -> None:
+def check_mask_model(args: RestoreJob) -> None:
     """``--masks auto`` needs ``--mask-model DIR`` holding an exported segmenter, and only it takes one."""
-    mask_model, threshold = getattr(args, "mask_model", None), getattr(args, "mask_threshold", None)
+    mask_model, threshold = args.mask_model, args.mask_threshold
     if not auto_masks(args):
         if mask_model is not None or threshold is not None:
             raise CLIError("--mask-model and --mask-threshold are for --masks auto (predicted masks); drop them, or "
@@ -205,7 +255,7 @@ def check_mask_model(args: argparse.Namespace) -> None:
         raise CLIError(f"--mask-threshold must be in (0, 1), got {threshold}")
 
 
-def validate_args(args: argparse.Namespace) -> tuple[SamplerSpec | None, dict]:
+def validate_args(args: RestoreJob) -> tuple[SamplerSpec | None, dict]:
     """Check every value before a model is loaded; raises CLIError naming the flag and what to pass.
 
     Returns:
@@ -299,7 +349,7 @@ def check_mask_names(pairs: list[tuple[str, Path, Path | None]]) -> None:
                        f"{clash[0][: -len('.mask')]}; rename it (or restore it with a mask folder)")
 
 
-def load_mask_model(args: argparse.Namespace):
+def load_mask_model(args: RestoreJob):
     """The ``--mask-model`` segmenter on ``--device`` and its threshold; CLIError when it cannot be loaded."""
     try:
         net = load_segmenter(args.mask_model, device=args.device)
@@ -406,7 +456,7 @@ def model_fingerprint(folder: Path) -> str:
     return h.hexdigest()[:20]
 
 
-def run_settings(args: argparse.Namespace, spec: SamplerSpec | None = None) -> dict:
+def run_settings(args: RestoreJob, spec: SamplerSpec | None = None) -> dict:
     """What makes the outputs what they are: a rerun into the same ``--out`` must match all of it to resume.
 
     With ``--masks auto`` the segmenter's fingerprint and threshold are part of it (both ``None`` with mask files,
@@ -424,7 +474,7 @@ def run_settings(args: argparse.Namespace, spec: SamplerSpec | None = None) -> d
         "model_fingerprint": model_fingerprint(args.model) if uses_model(args.method) else None,
         "sampler": {"steps": args.steps, "strength": args.strength, "preset": args.preset,
                     "scheduler": args.scheduler, "file": None if spec is None else spec.to_dict(),
-                    "set": parse_sampler_sets(getattr(args, "sampler_set", None)) or None},
+                    "set": parse_sampler_sets(args.sampler_set) or None},
         "seed": args.seed,
         "batch_size": args.batch_size,
         "mask_convention": args.mask_convention,
@@ -500,8 +550,14 @@ def _reason(err: Exception, *paths: Path) -> tuple[str, str]:
     return str(paths[0]), text
 
 
-def restore_folder(args: argparse.Namespace) -> dict:
+def restore_folder(args: RestoreJob, restorer: Restorer | None = None) -> dict:
     """Restore every paired file of ``args.images`` that has no valid output in ``args.out`` yet.
+
+    Args:
+        args: What to restore, how and where.
+        restorer: An already built restorer to use instead of building ``args.method`` from ``args.model`` (a
+            caller restoring several folders with one model); ``args.method`` and ``args.model`` still name it in
+            the manifest, so pass the ones it was built from.
 
     Returns:
         ``{"done": tiles written now, "resumed": tiles already there, "skipped": [(file, reason)], "pairs": paired
@@ -511,7 +567,7 @@ def restore_folder(args: argparse.Namespace) -> dict:
     Raises:
         CLIError: A bad argument, nothing paired, an ambiguous name, an output folder of other settings, or Ctrl-C.
     """
-    debug = getattr(args, "debug", False) or debug_requested([])
+    debug = args.debug or debug_requested([])
     spec, sampler_kw = validate_args(args)
     auto = auto_masks(args)
     pairs, skipped = pair_files(args.images, None if auto else args.masks, exclude=args.out)
@@ -526,7 +582,8 @@ def restore_folder(args: argparse.Namespace) -> dict:
     check_output_folder(args.out)
     settings = run_settings(args, spec)
     timing = check_manifest(args.out, settings, args.force)
-    restorer = build_restorer(args.method, model=args.model, device=args.device, precision=args.precision)
+    if restorer is None:
+        restorer = build_restorer(args.method, model=args.model, device=args.device, precision=args.precision)
     segmenter = load_mask_model(args) if auto else None
     if sampler_requested(args) and not takes_sampler(restorer):
         raise CLIError(f"--method {args.method} has no diffusion sampler, so --sampler and --sampler-set do not apply")
@@ -539,7 +596,7 @@ def restore_folder(args: argparse.Namespace) -> dict:
             raise CLIError(f"sampler settings rejected: {one_line(err)}") from None
     unit, tile = tile_geometry(restorer)
     timing = {"seconds": float(timing.get("seconds", 0.0)), "tiles": int(timing.get("tiles", 0))}
-    record = sampler_record(getattr(args, "sampler", None), spec, kwargs)
+    record = sampler_record(args.sampler, spec, kwargs)
     manifest = {**settings, "model": str(args.model) if settings["model_fingerprint"] else None,
                 "mask_model": str(args.mask_model) if auto else None, "sampler_file": record, "timing": timing}
     _write_json(args.out / MANIFEST, manifest)
@@ -571,7 +628,7 @@ def restore_folder(args: argparse.Namespace) -> dict:
             "seconds": elapsed, "nfe": nfe, "timing": timing, "sampler": record}
 
 
-def _predict_masks(segmenter, loaded: list, args: argparse.Namespace, skipped: list, stats: dict, debug: bool) -> list:
+def _predict_masks(segmenter, loaded: list, args: RestoreJob, skipped: list, stats: dict, debug: bool) -> list:
     """``--masks auto``: predict the masks of one group's images and write the needed ones to OUT/<key>.mask.png.
 
     Every loaded image of the group is predicted (not only the needed ones), so that a resumed run restores exactly

@@ -11,6 +11,7 @@ collective) and kept in :attr:`TissueClassifierModule.confusion` as a CPU tensor
 Batches are ``{"image": (B, 3, H, W) in [-1, 1], "label": (B,) long, "meta": ...}``.
 """
 
+import os
 from typing import Any
 
 import torch
@@ -36,7 +37,7 @@ class TissueClassifierModule(LightningModule):
         cosine: Use the default cosine schedule when ``lr_scheduler`` is ``None`` (False: constant LR).
         class_names: Human-readable class names (stored in the checkpoint for reports); default ``class_i``.
         net_spec: Keyword arguments of ``build_classifier`` that rebuild ``net`` (stored so that scripts can reload a
-            checkpoint with :meth:`load_for_eval`; LightningCLI checkpoints rebuild ``net`` from their config).
+            checkpoint with :meth:`load_for_eval`); ``None`` takes the ``spec`` a ``build_classifier`` network carries.
         label_smoothing: Cross-entropy label smoothing (0 in the paper).
     """
 
@@ -53,6 +54,8 @@ class TissueClassifierModule(LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer", "lr_scheduler"])
+        if net_spec is None and getattr(net, "spec", None) is not None:  # a build_classifier net (e.g. from a config)
+            self.hparams["net_spec"] = {k: str(v) if isinstance(v, os.PathLike) else v for k, v in net.spec.items()}
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         if class_names is not None and len(class_names) != num_classes:

@@ -2,7 +2,6 @@
 
 import json
 import logging
-import types
 from pathlib import Path
 
 import cv2
@@ -279,24 +278,31 @@ def test_downstream_quick_study_writes_wellformed_json(tmp_path):
     assert "| restored: telea | 30 |" in (out / "downstream.md").read_text()
 
 
-def test_the_downstream_classifier_does_not_depend_on_the_restorers_built_before_it(monkeypatch, tmp_path):
+def test_the_downstream_classifier_does_not_depend_on_the_restorers_built_before_it(tmp_path):
     """Building a restorer draws random init from the global RNG; the classifier must start from the same state."""
-    import lightning_modules.components.classifiers as classifiers
     from experiments import downstream
 
-    class Built(Exception):
-        pass
-
-    starts = []
-
-    def spy(**_):
-        starts.append(torch.rand(4))
-        raise Built
-
-    monkeypatch.setattr(classifiers, "build_classifier", spy)
-    args = downstream.parse_args(["--out", str(tmp_path), "--pretrained", "none"])
+    args = downstream.DownstreamJob(out=tmp_path, quick=True, pretrained="none")
+    weights = []
     for draws in (0, 1000):
         torch.rand(draws)  # what building one more (or one fewer) restorer does to the global RNG
-        with pytest.raises(Built):
-            downstream.train_classifier(args, types.SimpleNamespace(num_classes=2), None)
-    torch.testing.assert_close(starts[0], starts[1])
+        cli = downstream.build_recipe(args)
+        weights.append(torch.cat([p.detach().flatten() for p in cli.model.net.parameters()]))
+    torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=0)
+
+
+def test_the_downstream_recipe_is_the_train_recipe_with_the_jobs_values(tmp_path):
+    """The study composes the configs experiments.train uses and overrides only what the job sets."""
+    from experiments import downstream
+
+    cli = downstream.build_recipe(downstream.DownstreamJob(out=tmp_path, quick=True, lr=3e-4, seed=5))
+    config = cli.config
+    assert config["model"]["class_path"] == "lightning_modules.classifier.TissueClassifierModule"
+    assert config["model"]["init_args"]["net"]["init_args"]["name"] == "tf_efficientnet_lite0"  # from the config
+    assert config["model"]["init_args"]["net"]["init_args"]["pretrained"] == "bundled-efficientnet-lite0"
+    assert config["model"]["init_args"]["optimizer"]["init_args"]["lr"] == 3e-4 and config["seed_everything"] == 5
+    assert config["trainer"]["max_epochs"] == downstream.QUICK["epochs"]
+    assert cli.datamodule.image_size == downstream.QUICK["image_size"]
+    assert cli.model.hparams.net_spec["name"] == "tf_efficientnet_lite0"  # so load_for_eval can rebuild it
+    other = downstream.recipe_args(downstream.DownstreamJob(out=tmp_path, classifier="resnet18"))
+    assert any(a.endswith("net.init_args.pretrained=false") for a in other), "config weights fit only lite0"

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
+from datamodules.base import per_device_batch_size
 from datamodules.datasets import EpochIndexSampler, TripletFolderDataset
 from datamodules.imageio import write_image_atomic, write_mask_atomic
-from datamodules.restoration import ArtifactRestorationDataModule, CleanTileDataModule, per_device_batch_size
+from datamodules.restoration import ArtifactRestorationDataModule, CleanTileDataModule
 
 SMALL = {"tile_size": 64, "stride": 64, "num_workers": 0, "batch_size": 4, "max_tiles": {"train": 16, "val": 8}}
 

@@ -1,7 +1,6 @@
 """Sampler settings files: every bundled file is valid, errors name the file, flags win over the file, ``base:``
 resets to a preset, and restore / evaluate / downstream / benchmark take ``--sampler`` and record it."""
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -255,10 +254,15 @@ def test_downstream_resolves_the_file_at_argument_parsing(pipeline_dir, tmp_path
 
     base = ["--out", str(tmp_path), "--model", str(pipeline_dir), "--sampler", str(SAMPLER_DIR / "steps_4.yaml")]
     args = downstream.parse_args([*base, "--methods", "identity,latent"])
-    assert args.sampler_kwargs == {"num_steps": 4} and args.sampler_spec.overrides == {"num_steps": 4}
-    assert downstream.parse_args([*base, "--methods", "latent", "--steps", "6"]).sampler_kwargs == {"num_steps": 6}
+    spec, kwargs = downstream.resolve_sampler(args)
+    assert kwargs == {"num_steps": 4} and spec.overrides == {"num_steps": 4}
+    six = downstream.parse_args([*base, "--methods", "latent", "--steps", "6"])
+    assert downstream.resolve_sampler(six)[1] == {"num_steps": 6}
     with pytest.raises(SystemExit):
         downstream.parse_args([*base, "--methods", "identity,telea"])
+    typed = downstream.DownstreamJob(out=tmp_path, methods="identity,telea", sampler=SAMPLER_DIR / "steps_4.yaml")
+    with pytest.raises(ValueError, match="has a diffusion sampler"):
+        downstream.run(typed)  # the typed call checks what the parser checks, before any model loads
 
 
 def test_benchmark_gives_diffusion_benches_the_file_and_records_it():
@@ -273,9 +277,7 @@ def test_benchmark_gives_diffusion_benches_the_file_and_records_it():
     assert benchmark.apply_sampler_file(build_bench("cyclegan", CONFIGS["tiny"], torch.device("cpu")), args) is None
     with pytest.raises(SystemExit):
         benchmark.parse_args(["--sampler-set", "num_steps=0"])
-    jumps = argparse.Namespace(sampler=SAMPLER_DIR / "jumps_10x10.yaml",
-                               sampler_spec=load_sampler_file(SAMPLER_DIR / "jumps_10x10.yaml"),
-                               sampler_fields={"num_steps": 20})
+    jumps = benchmark.BenchmarkJob(sampler=SAMPLER_DIR / "jumps_10x10.yaml", sampler_set=["num_steps=20"])
     bench.pipeline.scheduler_name = "dpmsolver++"
     with pytest.raises(SystemExit, match="sampler settings refused"):
         benchmark.apply_sampler_file(bench, jumps)

@@ -216,4 +216,10 @@ def build_classifier(
         normalize = LabStainNorm(lab_mean, lab_std, mean=mean, std=std, learnable=learnable_stain)
     else:
         normalize = InputNormalize(mean, std)
-    return TissueClassifier(backbone, normalize)
+    net = TissueClassifier(backbone, normalize)
+    # the arguments that rebuild this network (TissueClassifierModule stores them as ``net_spec`` in checkpoints,
+    # also when LightningCLI built the network from a config)
+    net.spec = {"name": name, "num_classes": num_classes, "pretrained": pretrained, "stain_norm": stain_norm,
+                "learnable_stain": learnable_stain, "lab_mean": list(lab_mean), "lab_std": list(lab_std),
+                "drop_rate": drop_rate}
+    return net
