@@ -4,7 +4,13 @@ Batches come from ``datamodules/refiner_pool.py``: ``{"clean", "corrupted", "coa
 "artifact_mask": (B, 1, H, W) in {0, 1}}``, ``coarse`` being the latent stage's restoration. The loss is computed
 inside the mask only (outside it the pipeline pastes the input back), per tile:
 
-    loss = mean_tiles( L1_in_mask + log_weight * ln(MSE_in_mask + eps) )
+    loss = mean_tiles( L1_in_mask + log_weight * ln(MSE_in_mask + eps) + gate_weight * CE_in_mask(logits, best) )
+
+``best`` is, per pixel, the candidate closest to the clean tile (mean absolute error over the channels, averaged over a
+``gate_window`` px box so that a pixel's choice follows its neighbourhood): the cross-entropy teaches the blend
+*which* source to trust where (the input under a blur or a light stain, the latent stage or the fill elsewhere)
+directly, instead of only through the gradient of the blended output, which is small wherever the candidates agree
+and which the residual head otherwise absorbs first (docs/METHOD.md section 10).
 
 The log term is the tile's PSNR up to sign and scale (``PSNR = 10 log10(4 / MSE)`` in [-1, 1] units), so it weighs
 every tile's relative error alike: without it the large, badly wrong regions of occluding artifacts dominate and the
@@ -19,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
@@ -36,6 +43,21 @@ def masked_errors(output: Tensor, target: Tensor, mask: Tensor) -> tuple[Tensor,
     return diff.abs().sum((1, 2, 3)) / area, (diff**2).sum((1, 2, 3)) / area
 
 
+def best_candidate(candidates: list[Tensor], clean: Tensor, window: int) -> Tensor:
+    """Index (B, H, W) of the candidate with the lowest ``window``-px box-averaged absolute error to ``clean``."""
+    errors = torch.stack([(c.float() - clean.float()).abs().mean(1) for c in candidates], 1)
+    if window > 1:
+        errors = F.avg_pool2d(errors, window, stride=1, padding=window // 2, count_include_pad=False)
+    return errors.argmin(1)
+
+
+def gate_cross_entropy(logits: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+    """Per-tile mean cross-entropy (B,) of the candidate logits (B, n, H, W) against ``target`` inside the mask."""
+    ce = F.cross_entropy(logits.float(), target, reduction="none")
+    m = mask[:, 0].float()
+    return (ce * m).sum((1, 2)) / m.sum((1, 2)).clamp_min(1)
+
+
 def artifact_psnr(mse: Tensor) -> Tensor:
     """PSNR (dB) of a per-tile MSE on the [-1, 1] scale (data range 2), floored at 1e-10."""
     return 10 * torch.log10(4.0 / mse.clamp_min(1e-10))
@@ -50,15 +72,20 @@ class RefinerModule(LightningModule):
         lr_scheduler: Called with the optimizer and stepped every optimiser step (e.g. ``WarmupCosine``).
         log_weight: Weight of the per-tile log-MSE term.
         eps: Floor inside the log ([-1, 1] units; 1e-4 = 46 dB, where gains stop mattering).
+        gate_weight: Weight of the cross-entropy that supervises the candidate choice (0 = off).
+        gate_window: Box (px, odd) over which a pixel's candidate errors are averaged before choosing the best.
         net_config: Ignored on input; the network's architecture is stored under this name in the checkpoint.
     """
 
     def __init__(self, net: PixelRefiner, optimizer: OptimizerCallable | None = None,
                  lr_scheduler: LRSchedulerCallable | None = None, log_weight: float = 1.0, eps: float = 1e-4,
-                 net_config: dict | None = None) -> None:
+                 gate_weight: float = 0.0, gate_window: int = 5, net_config: dict | None = None) -> None:
         super().__init__()
         if log_weight < 0 or eps <= 0:
             raise ValueError(f"log_weight must be >= 0 and eps > 0, got {log_weight}, {eps}")
+        if gate_weight < 0 or gate_window < 1 or gate_window % 2 == 0:
+            raise ValueError(f"gate_weight must be >= 0 and gate_window an odd number >= 1, got {gate_weight}, "
+                             f"{gate_window}")
         self.save_hyperparameters(ignore=["net", "optimizer", "lr_scheduler"])
         self.hparams["net_config"] = asdict(net.config)
         self.net = net
@@ -79,9 +106,15 @@ class RefinerModule(LightningModule):
     def _step(self, batch: dict[str, Any], stage: str) -> Tensor:
         clean, corrupted, coarse = batch["clean"], batch["corrupted"], batch["coarse"]
         mask = batch["artifact_mask"].to(clean.dtype)
-        refined = self(corrupted, coarse, mask)
+        refined, logits, candidates = self.net.parts(corrupted, coarse, mask)
         loss = self.loss(refined, clean, mask)
         n = clean.shape[0]
+        if self.hparams.gate_weight > 0:
+            target = best_candidate(candidates, clean, self.hparams.gate_window)
+            gate = gate_cross_entropy(logits, target, mask).mean()
+            loss = loss + self.hparams.gate_weight * gate
+            self.log(f"{stage}/gate_ce", gate, on_step=stage == "train", on_epoch=True, sync_dist=stage != "train",
+                     batch_size=n)
         with torch.no_grad():
             has = mask.flatten(1).amax(1) > 0
             psnr = artifact_psnr(masked_errors(refined.clamp(-1, 1), clean, mask)[1])[has]
@@ -120,7 +153,8 @@ class RefinerModule(LightningModule):
 
     def export(self, path: str | Path, extra: dict | None = None) -> Path:
         """Write the network to a refiner folder (``load_refiner``; see ``attach_refiner`` for a pipeline)."""
-        facts = {"log_weight": self.hparams.log_weight, "global_step": int(self.global_step), **(extra or {})}
+        facts = {"log_weight": self.hparams.log_weight, "gate_weight": self.hparams.gate_weight,
+                 "global_step": int(self.global_step), **(extra or {})}
         return save_refiner(self.net, path, facts)
 
     @classmethod

@@ -14,10 +14,16 @@ from lightning_modules.components.autoencoders import build_autoencoder
 from lightning_modules.components.denoisers import build_unet
 from lightning_modules.components.inpaint import opencv_inpaint
 from lightning_modules.components.pipeline import RestorationPipeline, attach_refiner
-from lightning_modules.components.refiner import build_refiner, load_refiner, save_refiner
+from lightning_modules.components.refiner import build_refiner, load_refiner, save_refiner, unsharp
 from lightning_modules.components.regional_sampler import SamplerConfig
 from lightning_modules.conditional_latent import ConditionalLatentDiffusionModule
-from lightning_modules.refiner_module import RefinerModule, artifact_psnr, masked_errors
+from lightning_modules.refiner_module import (
+    RefinerModule,
+    artifact_psnr,
+    best_candidate,
+    gate_cross_entropy,
+    masked_errors,
+)
 from tests.tiny_data import real_crops
 
 ADAMW = functools.partial(torch.optim.AdamW, lr=3e-3)
@@ -132,6 +138,74 @@ def test_a_trained_refiner_restores_better_than_the_latent_stage_it_refines():
     with torch.no_grad():
         after = masked_errors(module(corrupted, coarse, mask).clamp(-1, 1), clean, mask)[1].mean()
     assert after < 0.5 * before, (float(before), float(after))
+
+
+def test_the_best_candidate_is_the_nearest_to_the_clean_tile_in_its_neighbourhood():
+    clean = torch.zeros(1, 3, 16, 16)
+    near_left = clean + 0.1
+    near_left[..., 8:] = 1.0  # close on the left half, far on the right
+    near_right = clean + 0.3  # a little off everywhere
+    best = best_candidate([near_left, near_right], clean, window=1)
+    assert (best[..., :8] == 0).all() and (best[..., 8:] == 1).all()
+    speck = near_right.clone()
+    speck[..., 3, 3] = 0.0  # one exact pixel inside the region where near_left wins on average
+    assert best_candidate([near_left, speck], clean, window=1)[0, 3, 3] == 1
+    assert best_candidate([near_left, speck], clean, window=5)[0, 3, 3] == 0, "the box average ignores the speck"
+    logits = torch.zeros(1, 2, 16, 16)
+    logits[:, 0, :, :8] = 20.0  # confident and right on the left half, unsure on the right
+    mask = torch.zeros(1, 1, 16, 16)
+    mask[..., :8] = 1
+    assert gate_cross_entropy(logits, best, mask) < 1e-6, "only the pixels inside the mask count"
+    mask[..., 8:] = 1
+    half = torch.tensor([np.log(2) / 2], dtype=torch.float32)  # the unsure half costs ln 2
+    torch.testing.assert_close(gate_cross_entropy(logits, best, mask), half)
+    with pytest.raises(ValueError, match="gate_window"):
+        RefinerModule(build_refiner("tiny"), gate_weight=1.0, gate_window=4)
+
+
+def test_the_unsharp_candidate_undoes_part_of_a_gaussian_blur_and_keeps_flat_tissue():
+    import cv2
+
+    flat = torch.full((1, 3, 32, 32), 0.2)
+    torch.testing.assert_close(unsharp(flat), flat)
+    sharp = real_crops(1, 64)
+    rgb = ((sharp[0].permute(1, 2, 0).numpy() + 1) * 127.5).astype(np.float32)
+    blurred = torch.from_numpy(cv2.GaussianBlur(rgb, (0, 0), 2.0) / 127.5 - 1).permute(2, 0, 1)[None].float()
+    inner = (..., slice(8, -8), slice(8, -8))
+    before = (blurred - sharp)[inner].pow(2).mean()
+    after = (unsharp(blurred) - sharp)[inner].pow(2).mean()
+    assert after < 0.9 * before, (float(before), float(after))
+    net = build_refiner("tiny", candidates=["corrupted", "coarse", "telea", "unsharp"])
+    assert net.config.in_channels == 13
+
+
+def _train_gate(gate_weight: float, steps: int = 40) -> float:
+    """Mean softmax weight of the ``corrupted`` candidate inside a blur-like mask after a few steps."""
+    torch.manual_seed(0)
+    clean = real_crops(2, 64)
+    mask = torch.zeros(2, 1, 64, 64)
+    mask[..., 16:48, 16:48] = 1
+    corrupted = torch.where(mask.bool(), torch.nn.functional.avg_pool2d(clean, 3, 1, 1), clean)  # mild blur
+    coarse = torch.where(mask.bool(), clean.mean((2, 3), keepdim=True).expand_as(clean), clean)  # a flat guess
+    module = RefinerModule(build_refiner("tiny"), gate_weight=gate_weight)
+    opt = torch.optim.AdamW(module.parameters(), lr=3e-3)
+    batch = {"clean": clean, "corrupted": corrupted, "coarse": coarse, "artifact_mask": mask}
+    module.log = lambda *a, **k: None  # no trainer attached
+    for _ in range(steps):
+        loss = module._step(batch, "train")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        _, logits, _ = module.net.parts(corrupted, coarse, mask)
+        weight = torch.softmax(logits, 1)[:, 0:1]
+    return float((weight * mask).sum() / mask.sum())
+
+
+def test_supervising_the_gate_teaches_the_refiner_to_keep_a_blurred_input():
+    """Under a mild blur the input is the best candidate; the gate loss makes the blend choose it."""
+    plain, supervised = _train_gate(0.0), _train_gate(1.0)
+    assert supervised > 0.6 and supervised > plain + 0.1, (plain, supervised)
 
 
 def test_save_load_round_trip_and_damaged_folders(tmp_path):

@@ -44,8 +44,29 @@ from lightning_modules.components.inpaint import opencv_inpaint
 from lightning_modules.components.segmenters import conv_block
 
 FORMAT_VERSION = 2
-CANDIDATES = ("corrupted", "coarse", "telea", "ns")
-"""Candidate restorations a refiner can blend: the input, the latent stage's output, OpenCV Telea / Navier-Stokes."""
+CANDIDATES = ("corrupted", "coarse", "telea", "ns", "unsharp")
+"""Candidate restorations a refiner can blend: the input, the latent stage's output, OpenCV Telea / Navier-Stokes, and
+the input sharpened by an unsharp mask (a classical partial inverse of a Gaussian defocus)."""
+
+UNSHARP_SIGMA, UNSHARP_AMOUNT = 2.0, 1.0
+
+
+def unsharp(image: Tensor, sigma: float = UNSHARP_SIGMA, amount: float = UNSHARP_AMOUNT) -> Tensor:
+    """``image + amount * (image - G_sigma * image)``, clamped to [-1, 1]; image (B, 3, H, W), reflect-padded.
+
+    The unsharp mask restores part of the high frequencies a Gaussian blur of similar width removed (out-of-focus
+    tissue); where the input is sharp the refiner learns not to pick it.
+    """
+    radius = int(3 * sigma + 0.5)
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32, device=image.device)
+    k = torch.exp(-0.5 * (t / sigma) ** 2)
+    k = (k / k.sum()).to(image.dtype)
+    c = image.shape[1]
+    padded = F.pad(image, (radius, radius, radius, radius), mode="reflect" if min(image.shape[-2:]) > radius
+                   else "replicate")
+    blurred = F.conv2d(padded, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    blurred = F.conv2d(blurred, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+    return (image + amount * (image - blurred)).clamp(-1, 1)
 
 
 @dataclass
@@ -147,12 +168,24 @@ class PixelRefiner(nn.Module):
                 out.append(corrupted)
             elif name == "coarse":
                 out.append(coarse)
+            elif name == "unsharp":
+                out.append(unsharp(corrupted))
             else:
                 out.append(opencv_inpaint(corrupted, mask, name).to(corrupted.dtype))
         return out
 
     def forward(self, corrupted: Tensor, coarse: Tensor, mask: Tensor) -> Tensor:
         """Refined tile (B, 3, H, W), not clamped; the caller pastes it back inside the mask.
+
+        Raises:
+            ValueError: If the shapes disagree.
+        """
+        return self.parts(corrupted, coarse, mask)[0]
+
+    def parts(self, corrupted: Tensor, coarse: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """The refined tile, the candidate logits (B, n, H, W) and the n candidates (each (B, 3, H, W)).
+
+        The parts let a loss supervise the choice of candidate (``RefinerModule``'s ``gate_weight``).
 
         Raises:
             ValueError: If the shapes disagree.
@@ -167,9 +200,10 @@ class PixelRefiner(nn.Module):
         if ph or pw:
             x = F.pad(x, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate")
         residual, logits = self.heads(x)
-        weights = torch.softmax(logits[..., :h, :w], dim=1)
+        logits = logits[..., :h, :w]
+        weights = torch.softmax(logits, dim=1)
         blend = sum(weights[:, i : i + 1] * c.float() for i, c in enumerate(candidates))
-        return blend + residual[..., :h, :w]
+        return blend + residual[..., :h, :w], logits, candidates
 
 
 def build_refiner(size: str = "cpu", gate_bias: float | None = None,
