@@ -181,6 +181,20 @@ class CycleGANModule(LightningModule):
         loss_artifact = lsgan_loss(self.D_artifact(real_a), True) + lsgan_loss(self.D_artifact(fake_a), False)
         return 0.5 * (loss_clean + loss_artifact)
 
+    def setup(self, stage: str) -> None:
+        """Refuse a DDP strategy that does not look for unused parameters (before any step fails deep in DDP).
+
+        Raises:
+            ValueError: DDP without ``find_unused_parameters``: the discriminator step leaves the generators unused.
+        """
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, DDPStrategy) and not getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters"):
+            raise ValueError("CycleGAN alternates generator and discriminator steps, so under DDP each step leaves the "
+                             "other networks unused: use --trainer.strategy=ddp_find_unused_parameters_true (or "
+                             "--config experiments/configs/trainer/ddp_gan.yaml instead of trainer/ddp.yaml)")
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """One generator step, then one discriminator step; logs ``train/loss_G``, ``train/loss_D`` etc. (unsynced)."""
         pair = self.unpaired_batch(batch)

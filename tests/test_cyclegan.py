@@ -249,3 +249,17 @@ def test_cli_configs_disable_clipping_monitor_val_l1_and_fit(tmp_path):
          "--trainer.default_root_dir", str(tmp_path)],
     )  # fmt: skip
     assert cli.trainer.global_step == 2  # manual optimisation: one step of each optimiser
+
+
+def test_plain_ddp_is_refused_with_the_strategy_to_use():
+    """The G step leaves the discriminators unused and the D step the generators: plain DDP would fail mid-step."""
+    import types
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    module = CycleGANModule(**TINY)
+    module._trainer = types.SimpleNamespace(strategy=DDPStrategy())
+    with pytest.raises(ValueError, match="ddp_find_unused_parameters_true"):
+        module.setup("fit")
+    module._trainer = types.SimpleNamespace(strategy=DDPStrategy(find_unused_parameters=True))
+    module.setup("fit")

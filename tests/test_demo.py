@@ -53,7 +53,7 @@ def test_demo_quick_runs_the_segmenter_stage_once_and_reports_its_dice(tmp_path,
         calls.append(s.segmenter_steps)
         return _fake_export(out / demo.SEGMENTER, s.segmenter_steps)
 
-    def study(argv):
+    def study(job):
         folder = tmp_path / "out" / "downstream"
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "downstream.json").write_text("{}")
@@ -68,10 +68,10 @@ def test_demo_quick_runs_the_segmenter_stage_once_and_reports_its_dice(tmp_path,
         monkeypatch.setattr(demo, name, lambda out, s: None)
     monkeypatch.setattr(demo, "train_segmenter", train_segmenter)
     monkeypatch.setattr(demo, "train_refiner", train_refiner)
-    monkeypatch.setattr(gallery, "main", lambda argv: 0)
-    monkeypatch.setattr(evaluate, "main", lambda argv: 0)
+    monkeypatch.setattr(gallery, "write_gallery", lambda out, **_: out)
+    monkeypatch.setattr(evaluate, "evaluate", lambda job: {})
     monkeypatch.setattr(ceilings, "main", lambda argv: 0)
-    monkeypatch.setattr(downstream, "main", study)
+    monkeypatch.setattr(downstream, "run", study)
     out = tmp_path / "out"
     argv = ["--quick", "--no-baselines", "--out", str(out)]
     assert demo.main(argv) == 0

@@ -401,3 +401,19 @@ def test_trainer_resume_continues_the_refiner_run(conditional_pipeline, tmp_path
     trainer = Trainer(max_steps=3, **kwargs)
     trainer.fit(resumed, datamodule=_pool_dm(conditional_pipeline, tmp_path, variants=1), ckpt_path=str(ckpt))
     assert trainer.global_step == 3
+
+
+def test_every_refiner_parameter_gets_a_gradient_and_older_folders_with_unused_blocks_load(tmp_path):
+    """timm keeps encoder blocks past the last feature; unused, they would make DDP fail and cost time."""
+    net = build_refiner("cpu")
+    assert len(net.encoder.blocks) == 5, "tf_efficientnet_lite0 stages 0-3 end in block 4"
+    clean, corrupted, mask = _pair(1)
+    net(corrupted, clean, mask).sum().backward()
+    assert not [n for n, p in net.named_parameters() if p.grad is None]
+    folder = save_refiner(net, tmp_path / "r")
+    state = torch.load(folder / "weights.pt", weights_only=True)
+    state["encoder.blocks.5.0.conv_pw.weight"] = torch.zeros(1)  # what a folder from before the cut holds
+    torch.save(state, folder / "weights.pt")
+    loaded = load_refiner(folder)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(corrupted, clean, mask), net.eval()(corrupted, clean, mask))

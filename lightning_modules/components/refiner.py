@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from lightning_modules.components.export_folder import WEIGHTS, read_export_meta, write_export_folder
 from lightning_modules.components.inpaint import opencv_inpaint
-from lightning_modules.components.segmenters import conv_block
+from lightning_modules.components.segmenters import conv_block, drop_unused_stages, only_kept_stages
 
 FORMAT_VERSION = 2
 CANDIDATES = ("corrupted", "coarse", "telea", "ns", "unsharp")
@@ -132,8 +132,9 @@ class PixelRefiner(nn.Module):
                              f"{list(config.candidates)}")
         self.config = config
         in_channels = config.in_channels
-        self.encoder = timm.create_model(config.encoder, features_only=True, out_indices=tuple(config.out_indices),
-                                         in_chans=in_channels, pretrained=False)
+        self.encoder = drop_unused_stages(timm.create_model(config.encoder, features_only=True, pretrained=False,
+                                                            out_indices=tuple(config.out_indices),
+                                                            in_chans=in_channels))
         chans = self.encoder.feature_info.channels()
         self.stride = self.encoder.feature_info.reduction()[-1]
         blocks, cin = [], chans[-1]
@@ -247,7 +248,7 @@ def load_refiner(path: str | os.PathLike, *, device: str | torch.device = "cpu")
         state = torch.load(path / "weights.pt", map_location="cpu", weights_only=True)
         if legacy:
             state = _from_format_1(state)
-        model.load_state_dict(state)
+        model.load_state_dict(only_kept_stages(state, model))
     except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError or IndexError on damaged files
         raise ValueError(f"{path / 'weights.pt'}: cannot load ({' '.join(str(err).split())[:200]}); re-export "
                          "the refiner") from None

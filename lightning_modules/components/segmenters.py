@@ -39,6 +39,26 @@ from lightning_modules.components.stain_norm import InputNormalize
 FORMAT_VERSION = 1
 
 
+def drop_unused_stages(encoder: nn.Module) -> nn.Module:
+    """Cut a timm ``features_only`` encoder's blocks after the deepest one an ``out_index`` reads.
+
+    timm keeps (and runs) every block of the network; blocks past the last returned feature cost time and, having no
+    gradient, make DDP fail ("parameters that were not used in producing the loss"). Encoders without ``blocks``
+    are returned unchanged.
+    """
+    used = [int(n.split(".")[1]) for n in encoder.feature_info.module_name() if n.startswith("blocks.")]
+    blocks = getattr(encoder, "blocks", None)
+    if used and isinstance(blocks, nn.Sequential) and len(blocks) > max(used) + 1:
+        encoder.blocks = blocks[: max(used) + 1]
+    return encoder
+
+
+def only_kept_stages(state: dict, model: nn.Module) -> dict:
+    """A state dict without the encoder blocks :func:`drop_unused_stages` removed (folders written before it)."""
+    keep = model.state_dict()
+    return {k: v for k, v in state.items() if k in keep or not k.startswith("encoder.blocks.")}
+
+
 @dataclass
 class SegmenterConfig:
     """Architecture and inference settings of a segmenter (stored in ``segmenter.json``).
@@ -88,7 +108,8 @@ class ArtifactSegmenter(nn.Module):
             raise ValueError(f"decoder_channels {config.decoder_channels} needs one entry per stage "
                              f"{config.out_indices}")
         self.config = config
-        self.encoder = timm.create_model(config.encoder, features_only=True, out_indices=tuple(config.out_indices))
+        self.encoder = drop_unused_stages(
+            timm.create_model(config.encoder, features_only=True, out_indices=tuple(config.out_indices)))
         if pretrained:
             _load_encoder_weights(self.encoder, config.encoder, pretrained)
         cfg = self.encoder.pretrained_cfg
@@ -174,7 +195,8 @@ def load_segmenter(path: str | os.PathLike, *, device: str | torch.device = "cpu
     config = SegmenterConfig(meta["encoder"], tuple(meta["out_indices"]), tuple(meta["decoder_channels"]),
                              float(meta["threshold"]), meta.get("extra", {}))
     model = ArtifactSegmenter(config)
-    model.load_state_dict(torch.load(path / "weights.pt", map_location="cpu", weights_only=True))
+    model.load_state_dict(only_kept_stages(torch.load(path / "weights.pt", map_location="cpu", weights_only=True),
+                                           model))
     return model.to(device).eval()
 
 
