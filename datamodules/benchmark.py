@@ -40,12 +40,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batches", type=int, default=20)
     p.add_argument("--workers", default="0,1,2")
     args = p.parse_args(argv)
-    print(f"bundled H&E, {args.tile_size}px tiles, batch {args.batch_size}, {args.batches} batches, "
-          f"{os.cpu_count()} CPUs")
+    print(
+        f"bundled H&E, {args.tile_size}px tiles, batch {args.batch_size}, {args.batches} batches, {os.cpu_count()} CPUs"
+    )
     print("| loader | workers | tiles/s |\n|---|---|---|")
     for workers in (int(w) for w in args.workers.split(",")):
-        for name, cls in (("clean tiles + augmentation", CleanTileDataModule),
-                          ("restoration (augment + synthesis)", ArtifactRestorationDataModule)):
+        for name, cls in (
+            ("clean tiles + augmentation", CleanTileDataModule),
+            ("restoration (augment + synthesis)", ArtifactRestorationDataModule),
+        ):
             dm = cls(tile_size=args.tile_size, batch_size=args.batch_size, num_workers=workers)
             dm.setup("fit")
             print(f"| {name} | {workers} | {loader_throughput(dm, args.batches):.0f} |", flush=True)

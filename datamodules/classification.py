@@ -57,8 +57,16 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
 class _ClassificationDataset(Dataset):
     """Shared logic: read item ``i`` as uint8, resize, flip on train, return the batch dict."""
 
-    def __init__(self, labels: Sequence[int], class_names: Sequence[str], *, image_size: int, split: str,
-                 seed: int, augment: bool) -> None:
+    def __init__(
+        self,
+        labels: Sequence[int],
+        class_names: Sequence[str],
+        *,
+        image_size: int,
+        split: str,
+        seed: int,
+        augment: bool,
+    ) -> None:
         self.labels = [int(v) for v in labels]
         self.class_names = list(class_names)
         self.image_size, self.split, self.seed, self.augment = image_size, split, seed, augment
@@ -102,8 +110,17 @@ class ImageFileDataset(_ClassificationDataset):
         augment: Random flips.
     """
 
-    def __init__(self, paths: Sequence[Path], labels: Sequence[int], class_names: Sequence[str], *,
-                 image_size: int, split: str = "train", seed: int = 0, augment: bool = False) -> None:
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        labels: Sequence[int],
+        class_names: Sequence[str],
+        *,
+        image_size: int,
+        split: str = "train",
+        seed: int = 0,
+        augment: bool = False,
+    ) -> None:
         super().__init__(labels, class_names, image_size=image_size, split=split, seed=seed, augment=augment)
         if len(paths) != len(self.labels):
             raise ValueError(f"{len(paths)} paths but {len(self.labels)} labels")
@@ -128,9 +145,18 @@ class TileClassificationDataset(_ClassificationDataset):
         augment: Random flips.
     """
 
-    def __init__(self, sources: Sequence[TileSource], tiles: Sequence[tuple[int, TileRef]], labels: Sequence[int],
-                 class_names: Sequence[str], *, image_size: int, split: str = "train", seed: int = 0,
-                 augment: bool = False) -> None:
+    def __init__(
+        self,
+        sources: Sequence[TileSource],
+        tiles: Sequence[tuple[int, TileRef]],
+        labels: Sequence[int],
+        class_names: Sequence[str],
+        *,
+        image_size: int,
+        split: str = "train",
+        seed: int = 0,
+        augment: bool = False,
+    ) -> None:
         super().__init__(labels, class_names, image_size=image_size, split=split, seed=seed, augment=augment)
         if len(tiles) != len(self.labels):
             raise ValueError(f"{len(tiles)} tiles but {len(self.labels)} labels")
@@ -197,8 +223,9 @@ def scan_class_folders(
     for path, why in skipped:
         log.warning("skipping unreadable image %s", why if str(path) in why else f"{path}: {why}")
     if empty:
-        raise ValueError(f"{root}: class folder(s) without usable images: {', '.join(empty)}; add images or remove "
-                         "the folder")
+        raise ValueError(
+            f"{root}: class folder(s) without usable images: {', '.join(empty)}; add images or remove the folder"
+        )
     return paths, labels, class_names, skipped, sizes
 
 
@@ -220,8 +247,16 @@ def _image_size(path: Path, validate: bool) -> tuple[int, int]:
 class _ClassificationDataModule(SuiteDataModule):
     """Loaders, per-device batch size and class bookkeeping shared by the classification data modules."""
 
-    def __init__(self, *, image_size: int, batch_size: int, eval_batch_size: int | None, num_workers: int,
-                 augment: bool, seed: int) -> None:
+    def __init__(
+        self,
+        *,
+        image_size: int,
+        batch_size: int,
+        eval_batch_size: int | None,
+        num_workers: int,
+        augment: bool,
+        seed: int,
+    ) -> None:
         super().__init__()
         if image_size < 16:
             raise ValueError(f"image_size must be >= 16, got {image_size}")
@@ -247,8 +282,12 @@ class _ClassificationDataModule(SuiteDataModule):
             self.build()
             for split, ds in self.datasets.items():
                 counts = Counter(ds.labels)
-                log.info("%s: %d images, per class %s", split, len(ds),
-                         {self.class_names[k]: counts[k] for k in sorted(counts)})
+                log.info(
+                    "%s: %d images, per class %s",
+                    split,
+                    len(ds),
+                    {self.class_names[k]: counts[k] for k in sorted(counts)},
+                )
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         if not self.datasets:
@@ -308,8 +347,14 @@ class ImageFolderClassificationDataModule(_ClassificationDataModule):
         seed: int = 0,
         validate: bool = True,
     ) -> None:
-        super().__init__(image_size=image_size, batch_size=batch_size, eval_batch_size=eval_batch_size,
-                         num_workers=num_workers, augment=augment, seed=seed)
+        super().__init__(
+            image_size=image_size,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            augment=augment,
+            seed=seed,
+        )
         self.save_hyperparameters()
         if root_val is None and not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1) when root_val is not given, got {val_fraction}")
@@ -331,8 +376,9 @@ class ImageFolderClassificationDataModule(_ClassificationDataModule):
         for split in ("val", "test"):
             if self.roots[split] is None:
                 continue
-            p, lab, _, sk, sz = scan_class_folders(self.roots[split], known_classes=classes,
-                                                   validate=self.hparams.validate)
+            p, lab, _, sk, sz = scan_class_folders(
+                self.roots[split], known_classes=classes, validate=self.hparams.validate
+            )
             missing = sorted(set(classes) - {classes[k] for k in lab})
             if missing:
                 log.warning("%s split (%s) has no images of class(es) %s", split, self.roots[split], missing)
@@ -340,11 +386,22 @@ class ImageFolderClassificationDataModule(_ClassificationDataModule):
             self.skipped += sk
             sizes.update(sz)
         if len(sizes) > 1:
-            log.warning("images have mixed sizes %s; all are resized to %dx%d",
-                        dict(sizes.most_common(5)), self.image_size, self.image_size)
+            log.warning(
+                "images have mixed sizes %s; all are resized to %dx%d",
+                dict(sizes.most_common(5)),
+                self.image_size,
+                self.image_size,
+            )
         for split, (p, lab) in per_split.items():
-            self.datasets[split] = ImageFileDataset(p, lab, classes, image_size=self.image_size, split=split,
-                                                    seed=self.seed, augment=self.augment and split == "train")
+            self.datasets[split] = ImageFileDataset(
+                p,
+                lab,
+                classes,
+                image_size=self.image_size,
+                split=split,
+                seed=self.seed,
+                augment=self.augment and split == "train",
+            )
 
 
 def _stratified_split(labels: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -400,8 +457,14 @@ class BundledTissueDataModule(_ClassificationDataModule):
         augment: bool = True,
         seed: int = 0,
     ) -> None:
-        super().__init__(image_size=image_size, batch_size=batch_size, eval_batch_size=eval_batch_size,
-                         num_workers=num_workers, augment=augment, seed=seed)
+        super().__init__(
+            image_size=image_size,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            augment=augment,
+            seed=seed,
+        )
         self.save_hyperparameters()
         self.fractions = dict(split_fractions or {"train": 0.6, "val": 0.2, "test": 0.2})
         if set(self.fractions) != set(SPLITS):
@@ -421,11 +484,20 @@ class BundledTissueDataModule(_ClassificationDataModule):
             stride = hp.train_stride if split == "train" else hp.tile_size
             tiles = []
             for cls, src in enumerate(sources):
-                found = tiles_for_split([src], split, size=hp.tile_size, stride=stride, min_tissue=hp.min_tissue,
-                                        seed=self.seed, fractions=self.fractions)
+                found = tiles_for_split(
+                    [src],
+                    split,
+                    size=hp.tile_size,
+                    stride=stride,
+                    min_tissue=hp.min_tissue,
+                    seed=self.seed,
+                    fractions=self.fractions,
+                )
                 if not found:
-                    raise ValueError(f"{src.name} ({BUNDLED_CLASSES[cls]}) has no {split} tile of {hp.tile_size} px; "
-                                     "lower tile_size or min_tissue")
+                    raise ValueError(
+                        f"{src.name} ({BUNDLED_CLASSES[cls]}) has no {split} tile of {hp.tile_size} px; "
+                        "lower tile_size or min_tissue"
+                    )
                 tiles += [(cls, ref) for _, ref in found]
             out[split] = tiles
         return out
@@ -443,6 +515,12 @@ class BundledTissueDataModule(_ClassificationDataModule):
                     idx = sorted(rng.choice(idx, size=cap, replace=False).tolist())
                 kept += [tiles[i] for i in idx]
             self.datasets[split] = TileClassificationDataset(
-                sources, kept, [c for c, _ in kept], self.class_names, image_size=self.image_size, split=split,
-                seed=self.seed, augment=self.augment and split == "train",
+                sources,
+                kept,
+                [c for c, _ in kept],
+                self.class_names,
+                image_size=self.image_size,
+                split=split,
+                seed=self.seed,
+                augment=self.augment and split == "train",
             )

@@ -264,10 +264,12 @@ class LatentCacheDataModule(SuiteDataModule):
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled (tile, variant) latents, a fresh posterior sample every epoch."""
-        return self.loader(self.datasets["train"], train=True, seed=self.hparams.seed,
-                           num_workers=self.hparams.num_workers)
+        return self.loader(
+            self.datasets["train"], train=True, seed=self.hparams.seed, num_workers=self.hparams.num_workers
+        )
 
     def val_dataloader(self) -> DataLoader:
         """Posterior means of the val tiles, fixed order."""
-        return self.loader(self.datasets["val"], train=False, seed=self.hparams.seed,
-                           num_workers=self.hparams.num_workers)
+        return self.loader(
+            self.datasets["val"], train=False, seed=self.hparams.seed, num_workers=self.hparams.num_workers
+        )

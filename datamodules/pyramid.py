@@ -71,8 +71,11 @@ def write_pyramid(
     raws: list[Path] = []
     h, w = shape
     levels, small, small_level = [], None, None
-    codec = {"compression": "jpeg", "compressionargs": {"level": quality}} if jpeg else {
-        "compression": "zlib", "predictor": True}
+    codec = (
+        {"compression": "jpeg", "compressionargs": {"level": quality}}
+        if jpeg
+        else {"compression": "zlib", "predictor": True}
+    )
     if keep_max_side < tile:
         raise ValueError(f"keep_max_side {keep_max_side} must be at least the tile size {tile}")
     try:
@@ -107,10 +110,17 @@ def write_pyramid(
                 level_mpp = None if mpp is None else mpp * 2**k
                 try:
                     tw.write(
-                        tiles(), shape=(h, w, 3), dtype=np.uint8, tile=(tile, tile), photometric="rgb",
+                        tiles(),
+                        shape=(h, w, 3),
+                        dtype=np.uint8,
+                        tile=(tile, tile),
+                        photometric="rgb",
                         resolution=None if level_mpp is None else (1e4 / level_mpp, 1e4 / level_mpp),
-                        resolutionunit="CENTIMETER" if level_mpp is not None else None, subfiletype=1 if k else 0,
-                        description=description if k == 0 else None, metadata=None, **codec,
+                        resolutionunit="CENTIMETER" if level_mpp is not None else None,
+                        subfiletype=1 if k else 0,
+                        description=description if k == 0 else None,
+                        metadata=None,
+                        **codec,
                     )
                 finally:
                     nxt.close()

@@ -45,8 +45,13 @@ POOL_SEED_OFFSET = 7919
 
 def fingerprint_pipeline(pipe) -> str:
     """SHA-256 over a pipeline's denoiser and VAE weights and its stored sampler settings."""
-    parts = [fingerprint_module(pipe.unet), fingerprint_module(pipe.codec.vae) if pipe.codec is not None else "",
-             json.dumps(pipe.sampler_config.to_dict(), sort_keys=True), pipe.scheduler_name, str(pipe.residual)]
+    parts = [
+        fingerprint_module(pipe.unet),
+        fingerprint_module(pipe.codec.vae) if pipe.codec is not None else "",
+        json.dumps(pipe.sampler_config.to_dict(), sort_keys=True),
+        pipe.scheduler_name,
+        str(pipe.residual),
+    ]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
@@ -122,7 +127,12 @@ def build_refiner_pool(
     for index in range(len(dataset)):
         tile = ((dataset[index]["clean"].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
         for clean, corrupted, mask, kinds in corrupted_variants(
-            tile, index, variants, synthesizer, split=split, seed=seed + POOL_SEED_OFFSET,
+            tile,
+            index,
+            variants,
+            synthesizer,
+            split=split,
+            seed=seed + POOL_SEED_OFFSET,
             stain_strength=stain_strength,
         ):
             if len(pending) == batch_size:
@@ -251,8 +261,15 @@ class RefinerPoolDataModule(SuiteDataModule):
         self.save_hyperparameters()
         if variants < 1:
             raise ValueError(f"variants must be >= 1, got {variants}")
-        self.tiles_dm = CleanTileDataModule(sources=sources, tile_size=tile_size, stride=stride,
-                                            min_tissue=min_tissue, seed=seed, augment=False, max_tiles=max_tiles)
+        self.tiles_dm = CleanTileDataModule(
+            sources=sources,
+            tile_size=tile_size,
+            stride=stride,
+            min_tissue=min_tissue,
+            seed=seed,
+            augment=False,
+            max_tiles=max_tiles,
+        )
         self.synthesizer = ArtifactSynthesizer.from_config(dict(artifacts)) if artifacts else ArtifactSynthesizer()
         self.datasets: dict[str, RefinerPoolDataset] = {}
         self.batch_size_per_device = self.eval_batch_size_per_device = batch_size
@@ -267,12 +284,20 @@ class RefinerPoolDataModule(SuiteDataModule):
 
         pipe = RestorationPipeline.from_pretrained(self.hparams.pipeline, precision=self.hparams.precision)
         if pipe.codec is None or not pipe.conditional:
-            raise ValueError(f"{self.hparams.pipeline} is not a latent-conditional pipeline; the refiner refines "
-                             "one (export it with `python -m experiments.export conditional`)")
+            raise ValueError(
+                f"{self.hparams.pipeline} is not a latent-conditional pipeline; the refiner refines "
+                "one (export it with `python -m experiments.export conditional`)"
+            )
         for split, variants in (("train", self.hparams.variants), ("val", 1)):
             build_refiner_pool(
-                pipe, self.tiles_dm.make_dataset(split), self.pool_path(split), synthesizer=self.synthesizer,
-                variants=variants, split=split, seed=self.hparams.seed, stain_strength=self.hparams.stain_jitter,
+                pipe,
+                self.tiles_dm.make_dataset(split),
+                self.pool_path(split),
+                synthesizer=self.synthesizer,
+                variants=variants,
+                split=split,
+                seed=self.hparams.seed,
+                stain_strength=self.hparams.stain_jitter,
                 batch_size=self.hparams.pool_batch_size,
             )
 
@@ -281,15 +306,18 @@ class RefinerPoolDataModule(SuiteDataModule):
         self.set_batch_sizes(self.hparams.batch_size)
         for split in ("train", "val"):
             if split not in self.datasets:
-                self.datasets[split] = RefinerPoolDataset(self.pool_path(split), split=split,
-                                                          crop=self.hparams.crop, seed=self.hparams.seed)
+                self.datasets[split] = RefinerPoolDataset(
+                    self.pool_path(split), split=split, crop=self.hparams.crop, seed=self.hparams.seed
+                )
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled pool items, fresh crops every epoch."""
-        return self.loader(self.datasets["train"], train=True, seed=self.hparams.seed,
-                           num_workers=self.hparams.num_workers)
+        return self.loader(
+            self.datasets["train"], train=True, seed=self.hparams.seed, num_workers=self.hparams.num_workers
+        )
 
     def val_dataloader(self) -> DataLoader:
         """Whole val tiles, fixed order."""
-        return self.loader(self.datasets["val"], train=False, seed=self.hparams.seed,
-                           num_workers=self.hparams.num_workers)
+        return self.loader(
+            self.datasets["val"], train=False, seed=self.hparams.seed, num_workers=self.hparams.num_workers
+        )

@@ -174,9 +174,18 @@ class ArtifactRestorationDataModule(CleanTileDataModule):
         mask_convention: str = "artifact",
     ) -> None:
         super().__init__(
-            sources=sources, tile_size=tile_size, stride=stride, min_tissue=min_tissue,
-            split_fractions=split_fractions, seed=seed, batch_size=batch_size, eval_batch_size=eval_batch_size,
-            num_workers=num_workers, augment=augment, stain_jitter=stain_jitter, max_tiles=max_tiles,
+            sources=sources,
+            tile_size=tile_size,
+            stride=stride,
+            min_tissue=min_tissue,
+            split_fractions=split_fractions,
+            seed=seed,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            augment=augment,
+            stain_jitter=stain_jitter,
+            max_tiles=max_tiles,
         )
         self.synthesizer = ArtifactSynthesizer.from_config(dict(artifacts)) if artifacts else ArtifactSynthesizer()
         self.triplets = dict(triplets or {})

@@ -42,7 +42,13 @@ def variant_tile(tile: np.ndarray, k: int) -> np.ndarray:
 
 
 def corrupted_variants(
-    tile: np.ndarray, index: int, variants: int, synthesizer: ArtifactSynthesizer, *, split: str, seed: int,
+    tile: np.ndarray,
+    index: int,
+    variants: int,
+    synthesizer: ArtifactSynthesizer,
+    *,
+    split: str,
+    seed: int,
     stain_strength: float = 1.0,
 ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]]:
     """The ``variants`` (clean, corrupted, mask, types) quadruples of one tile, as the cache stores them.
@@ -74,8 +80,9 @@ def corrupted_variants(
 
 def fingerprint_synthesis(synthesizer: ArtifactSynthesizer, variants: int, seed: int, stain_strength: float) -> str:
     """SHA-256 over the synthesizer's full configuration, K, the seed and the jitter strength."""
-    payload = json.dumps([CACHE_VERSION, synthesizer.to_config(), variants, seed, stain_strength], sort_keys=True,
-                         default=str)
+    payload = json.dumps(
+        [CACHE_VERSION, synthesizer.to_config(), variants, seed, stain_strength], sort_keys=True, default=str
+    )
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -135,8 +142,9 @@ def build_restoration_cache(
     factor = codec.factor
     fields: dict[str, list[torch.Tensor]] = {k: [] for k in ("mean", "std", "mean_corrupted", "std_corrupted", "mask")}
     names, types = [], []
-    bar = tqdm(total=len(dataset) * variants, desc=f"encoding restoration cache ({split})", unit="tile",
-               disable=not progress)
+    bar = tqdm(
+        total=len(dataset) * variants, desc=f"encoding restoration cache ({split})", unit="tile", disable=not progress
+    )
     pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
     def flush() -> None:
@@ -164,8 +172,9 @@ def build_restoration_cache(
             types.append(",".join(kinds))
             if len(pending) == batch_size:
                 flush()
-        names.append(dataset.sources[dataset.tiles[index][0]].name + f":{dataset.tiles[index][1].x}:"
-                     f"{dataset.tiles[index][1].y}")
+        names.append(
+            dataset.sources[dataset.tiles[index][0]].name + f":{dataset.tiles[index][1].x}:{dataset.tiles[index][1].y}"
+        )
     if pending:
         flush()
     bar.close()
@@ -257,9 +266,18 @@ class RestorationLatentCacheDataModule(LatentCacheDataModule):
         max_tiles: Mapping[str, int] | None = None,
     ) -> None:
         super().__init__(
-            autoencoder=autoencoder, cache_dir=cache_dir, sources=sources, tile_size=tile_size, stride=stride,
-            min_tissue=min_tissue, seed=seed, variants=1, batch_size=batch_size, num_workers=num_workers,
-            encode_batch_size=encode_batch_size, max_tiles=max_tiles,
+            autoencoder=autoencoder,
+            cache_dir=cache_dir,
+            sources=sources,
+            tile_size=tile_size,
+            stride=stride,
+            min_tissue=min_tissue,
+            seed=seed,
+            variants=1,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            encode_batch_size=encode_batch_size,
+            max_tiles=max_tiles,
         )
         if variants < 1:
             raise ValueError(f"variants must be >= 1, got {variants}")

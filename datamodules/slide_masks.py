@@ -74,8 +74,9 @@ class ImageMask:
         self.fingerprint = _sha(self.path)
 
     @classmethod
-    def from_array(cls, mask: np.ndarray, grid_shape: tuple[int, int], *, name: str, fingerprint: str,
-                   kind: str = "array") -> "ImageMask":
+    def from_array(
+        cls, mask: np.ndarray, grid_shape: tuple[int, int], *, name: str, fingerprint: str, kind: str = "array"
+    ) -> "ImageMask":
         """The same lookup over a bool (h, w) array (may be a read-only memmap) covering the whole slide."""
         self = cls.__new__(cls)
         self.path, self.kind, self.fingerprint = Path(name), kind, fingerprint

@@ -67,8 +67,9 @@ def _tiff_mpp(path: Path) -> float | None:
         return None
 
 
-def open_slide(path: str | os.PathLike, *, level: int | None = None,
-               mpp: float | None = None) -> tuple[SlideSource | ImageSource, SlideInfo]:
+def open_slide(
+    path: str | os.PathLike, *, level: int | None = None, mpp: float | None = None
+) -> tuple[SlideSource | ImageSource, SlideInfo]:
     """Open a slide (OpenSlide) or a plain image at its working level.
 
     Args:

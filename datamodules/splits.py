@@ -117,8 +117,9 @@ def split_regions(
             weights = np.array([(b[2] - b[0]) * (b[3] - b[1]) for b in boxes], dtype=float)
         else:
             s = tissue_scale
-            weights = np.array([tissue[b[1] // s : -(-b[3] // s), b[0] // s : -(-b[2] // s)].sum() for b in boxes],
-                               dtype=float)
+            weights = np.array(
+                [tissue[b[1] // s : -(-b[3] // s), b[0] // s : -(-b[2] // s)].sum() for b in boxes], dtype=float
+            )
         for box, name in zip(boxes, _deal(weights, fr, rng), strict=True):
             last = out[name][-1] if out[name] else None
             if last is not None and last[1] == box[1] and last[2] == box[0]:  # same row, adjacent: merge
@@ -164,8 +165,14 @@ def assign_regions(
             out[i] = {k: ([(0, 0, w, h)] if k == name else []) for k in fr}
     for i, src in enumerate(sources):
         if not out[i]:
-            out[i] = split_regions(src.shape(), fr, block=block, seed=_source_seed(seed, src.name),
-                                   tissue=src.tissue(), tissue_scale=src.tissue_scale)
+            out[i] = split_regions(
+                src.shape(),
+                fr,
+                block=block,
+                seed=_source_seed(seed, src.name),
+                tissue=src.tissue(),
+                tissue_scale=src.tissue_scale,
+            )
     return out
 
 
@@ -207,11 +214,20 @@ def tiles_for_split(
     ):
         tissue = src.tissue()
         for region in regions[split]:
-            refs = grid_tiles(tissue, size=size, stride=stride, min_tissue=min_tissue, region=region,
-                              source=src.name, scale=src.tissue_scale, shape=src.shape(),
-                              level=getattr(src, "level", 0))
+            refs = grid_tiles(
+                tissue,
+                size=size,
+                stride=stride,
+                min_tissue=min_tissue,
+                region=region,
+                source=src.name,
+                scale=src.tissue_scale,
+                shape=src.shape(),
+                level=getattr(src, "level", 0),
+            )
             out.extend((i, r) for r in refs)
     if not out:
-        logger.warning("split %r has no tiles of size %d (min_tissue=%.2f) in %d sources", split, size, min_tissue,
-                       len(sources))
+        logger.warning(
+            "split %r has no tiles of size %d (min_tissue=%.2f) in %d sources", split, size, min_tissue, len(sources)
+        )
     return out

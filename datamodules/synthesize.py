@@ -82,14 +82,22 @@ def parse_args(argv: list[str] | None = None) -> SynthesisJob:
     p.add_argument("--count", type=int, default=16, help="number of triplets to write")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=256, help="tile edge in pixels")
-    p.add_argument("--types", default=",".join(DEFAULT_TYPES),
-                   help=f"comma list of {','.join(ARTIFACT_TYPES)} (default: every synthetic type; pen uses real "
-                        "HistoQC pen-mark and coverslip-edge outlines and is held out of training)")
+    p.add_argument(
+        "--types",
+        default=",".join(DEFAULT_TYPES),
+        help=f"comma list of {','.join(ARTIFACT_TYPES)} (default: every synthetic type; pen uses real "
+        "HistoQC pen-mark and coverslip-edge outlines and is held out of training)",
+    )
     p.add_argument("--max-artifacts", type=int, default=2, help="artifacts per tile are drawn from 1..this")
-    p.add_argument("--split", default="test", choices=("train", "val", "test", "unseen"),
-                   help="bundled split to draw from; unseen = whole images that hold no train tile")
-    p.add_argument("--balanced", action="store_true",
-                   help="one artifact per tile, the --types in turn (equal counts per type)")
+    p.add_argument(
+        "--split",
+        default="test",
+        choices=("train", "val", "test", "unseen"),
+        help="bundled split to draw from; unseen = whole images that hold no train tile",
+    )
+    p.add_argument(
+        "--balanced", action="store_true", help="one artifact per tile, the --types in turn (equal counts per type)"
+    )
     p.add_argument("--min-tissue", type=float, default=0.5, help="minimum tissue fraction of a tile")
     p.add_argument("--stride", type=int, help="tiling stride (default: size // 2 for --bundled, size for --images)")
     p.add_argument("--out", type=Path, required=True)
@@ -106,8 +114,15 @@ def collect_tiles(args: SynthesisJob) -> tuple[list, list]:
         tiles = []
         for i, (src, regions) in enumerate(zip(sources, assign_regions(sources), strict=True)):
             if not regions["train"]:
-                refs = grid_tiles(src.tissue(), size=args.size, stride=stride, min_tissue=args.min_tissue,
-                                  source=src.name, scale=src.tissue_scale, shape=src.shape())
+                refs = grid_tiles(
+                    src.tissue(),
+                    size=args.size,
+                    stride=stride,
+                    min_tissue=args.min_tissue,
+                    source=src.name,
+                    scale=src.tissue_scale,
+                    shape=src.shape(),
+                )
                 tiles += [(i, ref) for ref in refs]
     elif args.bundled:
         sources = bundled_sources()
@@ -117,12 +132,25 @@ def collect_tiles(args: SynthesisJob) -> tuple[list, list]:
         sources = sources_from_spec(check_input_folder(args.images, "--images"))
         small = [f"{s.name} ({s.shape()[1]}x{s.shape()[0]})" for s in sources if min(s.shape()) < args.size]
         if small:
-            log.warning("%d of %d image(s) are smaller than --size %d px and give no tile: %s%s", len(small),
-                        len(sources), args.size, ", ".join(small[:5]), ", ..." if len(small) > 5 else "")
+            log.warning(
+                "%d of %d image(s) are smaller than --size %d px and give no tile: %s%s",
+                len(small),
+                len(sources),
+                args.size,
+                ", ".join(small[:5]),
+                ", ..." if len(small) > 5 else "",
+            )
         tiles = []
         for i, src in enumerate(sources):
-            refs = grid_tiles(src.tissue(), size=args.size, stride=args.stride or args.size,
-                              min_tissue=args.min_tissue, source=src.name, scale=src.tissue_scale, shape=src.shape())
+            refs = grid_tiles(
+                src.tissue(),
+                size=args.size,
+                stride=args.stride or args.size,
+                min_tissue=args.min_tissue,
+                source=src.name,
+                scale=src.tissue_scale,
+                shape=src.shape(),
+            )
             tiles += [(i, ref) for ref in refs]
     if not tiles:
         raise SystemExit(
@@ -174,12 +202,27 @@ def synthesize(args: SynthesisJob) -> dict:
         write_image_atomic(args.out / "clean" / name, clean)
         write_image_atomic(args.out / "corrupted" / name, res.corrupted)
         write_mask_atomic(args.out / "masks" / name, res.mask)
-        records.append({"name": name, "source": source.name, "x": ref.x, "y": ref.y, "types": res.types,
-                        "artifact_fraction": round(float(res.mask.mean()), 6)})
-    manifest = {"seed": args.seed, "size": args.size, "types": list(types),
-                "max_artifacts": 1 if args.balanced else args.max_artifacts, "balanced": args.balanced,
-                "split": args.split if args.bundled else None, "mask_convention": "255 = artifact",
-                "synthesizer": synth.to_config(), "items": records}
+        records.append(
+            {
+                "name": name,
+                "source": source.name,
+                "x": ref.x,
+                "y": ref.y,
+                "types": res.types,
+                "artifact_fraction": round(float(res.mask.mean()), 6),
+            }
+        )
+    manifest = {
+        "seed": args.seed,
+        "size": args.size,
+        "types": list(types),
+        "max_artifacts": 1 if args.balanced else args.max_artifacts,
+        "balanced": args.balanced,
+        "split": args.split if args.bundled else None,
+        "mask_convention": "255 = artifact",
+        "synthesizer": synth.to_config(),
+        "items": records,
+    }
     tmp = args.out / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
     os.replace(tmp, args.out / "manifest.json")

@@ -147,8 +147,15 @@ def load_evalset(root: Path, *, limit: int | None = None) -> list[EvalTile]:
     for i, name in enumerate(names):
         if name in keep:
             arrays = dataset.load(i)
-            tiles.append(EvalTile(name, arrays["clean"], arrays["corrupted"], arrays["artifact_mask"].astype(bool),
-                                  types.get(name, ())))
+            tiles.append(
+                EvalTile(
+                    name,
+                    arrays["clean"],
+                    arrays["corrupted"],
+                    arrays["artifact_mask"].astype(bool),
+                    types.get(name, ()),
+                )
+            )
     return tiles
 
 
@@ -198,8 +205,9 @@ def applies(row: Row, restorer: Any) -> str:
 # -------------------------------------------------------------------------------------------------------- one row
 
 
-def restore_batches(restorer: Any, tiles: list[EvalTile], masks: list[np.ndarray], row: Row, opts: RunOptions,
-                    bar: Any) -> Iterator[tuple[int, Any, float, int]]:
+def restore_batches(
+    restorer: Any, tiles: list[EvalTile], masks: list[np.ndarray], row: Row, opts: RunOptions, bar: Any
+) -> Iterator[tuple[int, Any, float, int]]:
     """Restore ``tiles`` with ``masks`` in batches; yields ``(start, restored (B, 3, H, W), seconds, nfe)``."""
     import torch
 
@@ -220,8 +228,16 @@ def restore_batches(restorer: Any, tiles: list[EvalTile], masks: list[np.ndarray
         yield start, out, seconds, int(getattr(restorer, "nfe", 0))
 
 
-def score_tiles(row: Row, method: str, evalset: str, tiles: list[EvalTile], masks: list[np.ndarray],
-                restorer: Any, opts: RunOptions, bar: Any) -> list[dict[str, Any]]:
+def score_tiles(
+    row: Row,
+    method: str,
+    evalset: str,
+    tiles: list[EvalTile],
+    masks: list[np.ndarray],
+    restorer: Any,
+    opts: RunOptions,
+    bar: Any,
+) -> list[dict[str, Any]]:
     """Per-tile records of one method on one evaluation set: metrics against the TRUE mask, NFE and seconds."""
     import torch
 
@@ -231,21 +247,36 @@ def score_tiles(row: Row, method: str, evalset: str, tiles: list[EvalTile], mask
     records = []
     for start, out, seconds, nfe in restore_batches(restorer, tiles, masks, row, opts, bar):
         chunk = tiles[start : start + len(out)]
-        values = per_image_metrics(out.float().clamp(-1, 1).cpu(), torch.stack([to_tensor(t.clean) for t in chunk]),
-                                   torch.stack([to_mask_tensor(t.mask) for t in chunk]), regions=REGIONS,
-                                   metrics=METRICS)
+        values = per_image_metrics(
+            out.float().clamp(-1, 1).cpu(),
+            torch.stack([to_tensor(t.clean) for t in chunk]),
+            torch.stack([to_mask_tensor(t.mask) for t in chunk]),
+            regions=REGIONS,
+            metrics=METRICS,
+        )
         for j, tile in enumerate(chunk):
-            records.append({
-                "row": row.name, "group": row.group, "level": row.level, "method": method, "evalset": evalset,
-                "tile": tile.name, "types": "+".join(tile.types), "nfe": nfe, "seconds_per_tile": seconds / len(out),
-                "true_pixels": int(tile.mask.sum()), "mask_pixels": int(masks[start + j].sum()),
-                **{key: float(v[j]) for key, v in values.items()},
-            })
+            records.append(
+                {
+                    "row": row.name,
+                    "group": row.group,
+                    "level": row.level,
+                    "method": method,
+                    "evalset": evalset,
+                    "tile": tile.name,
+                    "types": "+".join(tile.types),
+                    "nfe": nfe,
+                    "seconds_per_tile": seconds / len(out),
+                    "true_pixels": int(tile.mask.sum()),
+                    "mask_pixels": int(masks[start + j].sum()),
+                    **{key: float(v[j]) for key, v in values.items()},
+                }
+            )
     return records
 
 
-def run_row(row: Row, restorers: Mapping[str, Any], evalsets: Mapping[str, list[EvalTile]],
-            opts: RunOptions) -> tuple[list[dict], list[str]]:
+def run_row(
+    row: Row, restorers: Mapping[str, Any], evalsets: Mapping[str, list[EvalTile]], opts: RunOptions
+) -> tuple[list[dict], list[str]]:
     """Run one row for every available method and evaluation set; returns records and skip notes."""
     from tqdm.auto import tqdm
 
@@ -261,8 +292,13 @@ def run_row(row: Row, restorers: Mapping[str, Any], evalsets: Mapping[str, list[
         for name in row.evalsets:
             tiles = evalsets[name]
             masks = [perturbed_mask(t, row, opts.seed) for t in tiles]
-            with tqdm(total=len(tiles), desc=f"{row.name} {method} {name}", unit="tile", leave=False,
-                      disable=not opts.progress) as bar:
+            with tqdm(
+                total=len(tiles),
+                desc=f"{row.name} {method} {name}",
+                unit="tile",
+                leave=False,
+                disable=not opts.progress,
+            ) as bar:
                 try:
                     records += score_tiles(row, method, name, tiles, masks, restorers[method], opts, bar)
                 except ValueError as err:  # a setting the method refuses (e.g. RePaint jumps with a multistep solver)
@@ -296,8 +332,11 @@ def context(models: Mapping[str, Path], evalsets: Mapping[str, list[EvalTile]], 
     """What every row's result depends on besides the row: model fingerprints, tiles, options."""
     from experiments.restore import model_fingerprint
 
-    return {"models": {m: model_fingerprint(Path(p)) for m, p in sorted(models.items())},
-            "tiles": {e: [t.name for t in tiles] for e, tiles in sorted(evalsets.items())}, **opts.hashed()}
+    return {
+        "models": {m: model_fingerprint(Path(p)) for m, p in sorted(models.items())},
+        "tiles": {e: [t.name for t in tiles] for e, tiles in sorted(evalsets.items())},
+        **opts.hashed(),
+    }
 
 
 def load_restorers(methods: set[str], models: Mapping[str, Path], opts: RunOptions) -> dict[str, Any]:
@@ -330,9 +369,16 @@ def log_row_to_wandb(out: Path, suite: Suite, row: Row, result: dict) -> None:
 
     from experiments.ablation_report import row_means
 
-    run = wandb.init(project=os.environ.get("WANDB_PROJECT", "latent-artifusion"), job_type="ablate",
-                     name=f"{suite.name}/{row.name}", group=suite.name, config=result["settings"],
-                     mode=os.environ.get("WANDB_MODE", "offline"), dir=str(out), reinit=True)
+    run = wandb.init(
+        project=os.environ.get("WANDB_PROJECT", "latent-artifusion"),
+        job_type="ablate",
+        name=f"{suite.name}/{row.name}",
+        group=suite.name,
+        config=result["settings"],
+        mode=os.environ.get("WANDB_MODE", "offline"),
+        dir=str(out),
+        reinit=True,
+    )
     try:
         records = result["records"]
         if records:
@@ -342,8 +388,15 @@ def log_row_to_wandb(out: Path, suite: Suite, row: Row, result: dict) -> None:
         run.finish()
 
 
-def run_suite(suite: Suite, out: Path, *, quick: bool, models: Mapping[str, Path],
-              evalsets: Mapping[str, Path], options: RunOptions | None = None) -> Path:
+def run_suite(
+    suite: Suite,
+    out: Path,
+    *,
+    quick: bool,
+    models: Mapping[str, Path],
+    evalsets: Mapping[str, Path],
+    options: RunOptions | None = None,
+) -> Path:
     """Run every selected row of ``suite`` (resuming finished ones) and write the report.
 
     Args:
@@ -367,13 +420,19 @@ def run_suite(suite: Suite, out: Path, *, quick: bool, models: Mapping[str, Path
 
     opts = options or RunOptions()
     if not suite.implemented:
-        raise SuiteNotImplemented(f"suite {suite.name!r} (kind {suite.kind}) is declared but running it is not "
-                                  "implemented yet; --dry-run lists its rows")
-    rows = [dataclasses.replace(r, evalsets=tuple(e for e in r.evalsets if e in evalsets))
-            for r in suite.selected(quick=quick, names=list(opts.rows))]
+        raise SuiteNotImplemented(
+            f"suite {suite.name!r} (kind {suite.kind}) is declared but running it is not "
+            "implemented yet; --dry-run lists its rows"
+        )
+    rows = [
+        dataclasses.replace(r, evalsets=tuple(e for e in r.evalsets if e in evalsets))
+        for r in suite.selected(quick=quick, names=list(opts.rows))
+    ]
     if not any(r.evalsets for r in rows):
-        raise ValueError(f"no evaluation set of suite {suite.name} is available (wanted "
-                         f"{sorted({e for r in suite.rows for e in r.evalsets})}, have {sorted(evalsets)})")
+        raise ValueError(
+            f"no evaluation set of suite {suite.name} is available (wanted "
+            f"{sorted({e for r in suite.rows for e in r.evalsets})}, have {sorted(evalsets)})"
+        )
     used = sorted({e for r in rows for e in r.evalsets})
     tiles = {e: load_evalset(Path(evalsets[e]), limit=suite.quick_tiles if quick else None) for e in used}
     restorers = load_restorers({m for r in rows for m in r.methods}, models, opts)
@@ -392,8 +451,14 @@ def run_suite(suite: Suite, out: Path, *, quick: bool, models: Mapping[str, Path
                 warm = True
             began = time.perf_counter()
             records, row_notes = run_row(row, restorers, tiles, opts)
-            result = {"format": RESULT_FORMAT, "hash": digest, "settings": settings, "records": records,
-                      "notes": row_notes, "seconds": time.perf_counter() - began}
+            result = {
+                "format": RESULT_FORMAT,
+                "hash": digest,
+                "settings": settings,
+                "records": records,
+                "notes": row_notes,
+                "seconds": time.perf_counter() - began,
+            }
             write_json_atomic(path, result)
             if opts.wandb:
                 log_row_to_wandb(out, suite, row, result)
@@ -401,8 +466,17 @@ def run_suite(suite: Suite, out: Path, *, quick: bool, models: Mapping[str, Path
             log.info("row %s: finished earlier with the same settings, skipped", row.name)
         results[row.name] = result
         notes += result["notes"]
-    return write_report(out, suite, rows, results, notes, quick=quick, models=models,
-                        evalsets={e: (Path(evalsets[e]), len(tiles[e])) for e in used}, options=opts)
+    return write_report(
+        out,
+        suite,
+        rows,
+        results,
+        notes,
+        quick=quick,
+        models=models,
+        evalsets={e: (Path(evalsets[e]), len(tiles[e])) for e in used},
+        options=opts,
+    )
 
 
 # --------------------------------------------------------------------------------------------------- untrained
@@ -432,21 +506,27 @@ def build_untrained(root: Path, *, size: int = 256, count: int = 7) -> tuple[dic
 
     specs = {
         "latent": dict(in_channels=4, scheduler={}, sampler={"num_steps": 4}, name="ddpm", conditional=False),
-        "latent-conditional": dict(in_channels=9, scheduler=CONDITIONAL_SCHEDULER, sampler=CONDITIONAL_SAMPLER,
-                                   name="ddim", conditional=True),
+        "latent-conditional": dict(
+            in_channels=9, scheduler=CONDITIONAL_SCHEDULER, sampler=CONDITIONAL_SAMPLER, name="ddim", conditional=True
+        ),
     }
     models = {}
     for method, spec in specs.items():
         path = root / DEMO_MODELS[method]
         if not (path / "pipeline.json").is_file():
             torch.manual_seed(0)
-            save_pipeline(path, unet=build_unet("tiny", sample_size=size // 8, in_channels=spec["in_channels"],
-                                                out_channels=4),
-                          scheduler=DDPMScheduler(**{**PAPER_SCHEDULER, **spec["scheduler"]}),
-                          sampler=SamplerConfig.from_preset("repaint", feather=2, **spec["sampler"]),
-                          vae=build_autoencoder("tiny"), image_size=size, scheduler_name=spec["name"],
-                          conditional=spec["conditional"], residual=spec["conditional"],
-                          extra={"untrained": True, "built_by": "experiments.ablate --quick"})
+            save_pipeline(
+                path,
+                unet=build_unet("tiny", sample_size=size // 8, in_channels=spec["in_channels"], out_channels=4),
+                scheduler=DDPMScheduler(**{**PAPER_SCHEDULER, **spec["scheduler"]}),
+                sampler=SamplerConfig.from_preset("repaint", feather=2, **spec["sampler"]),
+                vae=build_autoencoder("tiny"),
+                image_size=size,
+                scheduler_name=spec["name"],
+                conditional=spec["conditional"],
+                residual=spec["conditional"],
+                extra={"untrained": True, "built_by": "experiments.ablate --quick"},
+            )
         models[method] = path
     evalset = root / "evalset"
     if not (evalset / "manifest.json").is_file():
@@ -464,10 +544,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="output folder (default outputs/ablations/SUITE)")
     p.add_argument("--quick", action="store_true", help="quick rows, few tiles, first evaluation set")
     p.add_argument("--dry-run", action="store_true", help="list every row and exit without loading models")
-    p.add_argument("--model", nargs="+", default=[], metavar="[NAME=]DIR",
-                   help="pipeline folders (default: the demo's exports under --demo)")
-    p.add_argument("--evalset", nargs="+", default=[], metavar="[NAME=]DIR",
-                   help="evaluation sets replacing the suite's (default: the demo's under --demo)")
+    p.add_argument(
+        "--model",
+        nargs="+",
+        default=[],
+        metavar="[NAME=]DIR",
+        help="pipeline folders (default: the demo's exports under --demo)",
+    )
+    p.add_argument(
+        "--evalset",
+        nargs="+",
+        default=[],
+        metavar="[NAME=]DIR",
+        help="evaluation sets replacing the suite's (default: the demo's under --demo)",
+    )
     p.add_argument("--demo", type=Path, default=DEMO, help="where the demo's exports are looked for")
     p.add_argument("--rows", default="", help="comma list of row names to run (the reference always runs)")
     p.add_argument("--seed", type=int, default=0)
@@ -508,14 +598,18 @@ def resolve_inputs(args: argparse.Namespace, suite: Suite) -> tuple[dict[str, Pa
     for name, folder in evalsets.items():
         lacking = [s for s in ("clean", "corrupted", "masks") if not (folder / s).is_dir()]
         if lacking:
-            raise CLIError(f"--evalset {name}={folder} has no {', '.join(s + '/' for s in lacking)}; pass an "
-                           "evaluation set (python -m datamodules.synthesize writes one)")
+            raise CLIError(
+                f"--evalset {name}={folder} has no {', '.join(s + '/' for s in lacking)}; pass an "
+                "evaluation set (python -m datamodules.synthesize writes one)"
+            )
     if models and evalsets:
         return models, evalsets, False
     if not args.quick:
         missing = "trained pipelines" if not models else "evaluation sets"
-        raise CLIError(f"no {missing} found under {args.demo} and none given: run `make demo`, pass --model/--evalset, "
-                       "or add --quick for tiny untrained stand-ins")
+        raise CLIError(
+            f"no {missing} found under {args.demo} and none given: run `make demo`, pass --model/--evalset, "
+            "or add --quick for tiny untrained stand-ins"
+        )
     made_models, made_evalsets = build_untrained(args.out / "untrained")
     return models or made_models, evalsets or made_evalsets, not models
 
@@ -524,21 +618,44 @@ def list_rows(suite: Suite, *, quick: bool) -> str:
     """Every row of the suite, one block per row: name, settings, methods, metrics, evaluation sets."""
     selected = {r.name for r in suite.selected(quick=quick)}
     state = "runnable" if suite.implemented else "declared only (running it is not implemented yet)"
-    lines = [f"suite {suite.name} ({suite.kind}, {state}): {len(suite.rows)} rows"
-             + (f", {len(selected)} under --quick" if quick else ""), suite.description, ""]
+    lines = [
+        f"suite {suite.name} ({suite.kind}, {state}): {len(suite.rows)} rows"
+        + (f", {len(selected)} under --quick" if quick else ""),
+        suite.description,
+        "",
+    ]
     for row in suite.rows:
-        settings = {k: v for k, v in {
-            "overrides": dict(row.overrides),
-            "perturbation": f"{row.perturbation.kind} {row.perturbation.severity}"
-            if row.perturbation.kind != "none" else "", "train_overrides": list(row.train_overrides),
-            "needs": row.needs}.items() if v}
-        tags = [t for t, on in (("reference", row.name == suite.reference), ("quick", row.name in selected and quick),
-                                (f"skipped: SamplerConfig has no {row.needs_field!r}", row.missing_field)) if on]
-        lines.append(f"- {row.name}" + (f" [{', '.join(tags)}]" if tags else "") + (f": {row.description}"
-                                                                                    if row.description else ""))
+        settings = {
+            k: v
+            for k, v in {
+                "overrides": dict(row.overrides),
+                "perturbation": f"{row.perturbation.kind} {row.perturbation.severity}"
+                if row.perturbation.kind != "none"
+                else "",
+                "train_overrides": list(row.train_overrides),
+                "needs": row.needs,
+            }.items()
+            if v
+        }
+        tags = [
+            t
+            for t, on in (
+                ("reference", row.name == suite.reference),
+                ("quick", row.name in selected and quick),
+                (f"skipped: SamplerConfig has no {row.needs_field!r}", row.missing_field),
+            )
+            if on
+        ]
+        lines.append(
+            f"- {row.name}"
+            + (f" [{', '.join(tags)}]" if tags else "")
+            + (f": {row.description}" if row.description else "")
+        )
         lines.append(f"    settings: {json.dumps(settings) if settings else 'defaults'}")
-        lines.append(f"    methods: {', '.join(row.methods)} | metrics: {', '.join(row.metrics)} | "
-                     f"evalsets: {', '.join(row.evalsets)}")
+        lines.append(
+            f"    methods: {', '.join(row.methods)} | metrics: {', '.join(row.metrics)} | "
+            f"evalsets: {', '.join(row.evalsets)}"
+        )
     return "\n".join(lines)
 
 
@@ -565,12 +682,23 @@ def _main(argv: list[str]) -> int:
         print(list_rows(suite, quick=args.quick))
         return 0
     if not suite.implemented:
-        raise CLIError(f"suite {suite.name} ({suite.kind}) is declared but running it is not implemented yet "
-                       f"(--dry-run lists its rows)", code=1)
+        raise CLIError(
+            f"suite {suite.name} ({suite.kind}) is declared but running it is not implemented yet "
+            f"(--dry-run lists its rows)",
+            code=1,
+        )
     args.out = check_output_folder(args.out or Path("outputs/ablations") / suite.name)
     models, evalsets, untrained = resolve_inputs(args, suite)
-    options = RunOptions(seed=args.seed, device=args.device, precision=args.precision, batch_size=args.batch_size,
-                         rows=tuple(row_names), force=args.force, wandb=args.wandb, untrained=untrained)
+    options = RunOptions(
+        seed=args.seed,
+        device=args.device,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        rows=tuple(row_names),
+        force=args.force,
+        wandb=args.wandb,
+        untrained=untrained,
+    )
     report = run_suite(suite, args.out, quick=args.quick, models=models, evalsets=evalsets, options=options)
     print(f"wrote {report}")
     return 0

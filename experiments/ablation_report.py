@@ -23,8 +23,19 @@ from lightning_modules.metrics.statistics import bootstrap_ci, paired_comparison
 
 Key = tuple[str, str, str]  # (row, method, evalset)
 BIT_EXACT_PSNR = 10 * math.log10(255**2 / PSNR_MSE_FLOOR)
-_FIRST_COLUMNS = ("row", "group", "level", "method", "evalset", "tile", "types", "nfe", "seconds_per_tile",
-                  "true_pixels", "mask_pixels")
+_FIRST_COLUMNS = (
+    "row",
+    "group",
+    "level",
+    "method",
+    "evalset",
+    "tile",
+    "types",
+    "nfe",
+    "seconds_per_tile",
+    "true_pixels",
+    "mask_pixels",
+)
 
 
 def by_key(records: Sequence[Mapping[str, Any]]) -> dict[Key, list[Mapping[str, Any]]]:
@@ -46,8 +57,9 @@ def row_means(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     return out
 
 
-def summarise(records: Sequence[Mapping[str, Any]], metrics: Sequence[str], reference: str,
-              *, seed: int = 0) -> dict[Key, dict[str, Any]]:
+def summarise(
+    records: Sequence[Mapping[str, Any]], metrics: Sequence[str], reference: str, *, seed: int = 0
+) -> dict[Key, dict[str, Any]]:
     """Mean, 95 % interval and the paired difference against the reference row, per (row, method, evalset).
 
     Args:
@@ -64,15 +76,24 @@ def summarise(records: Sequence[Mapping[str, Any]], metrics: Sequence[str], refe
     out: dict[Key, dict[str, Any]] = {}
     for key, group in groups.items():
         ref = {r["tile"]: r for r in groups.get((reference, key[1], key[2]), [])}
-        entry: dict[str, Any] = {"tiles": len(group), "nfe": float(np.mean([g["nfe"] for g in group])),
-                                 "seconds_per_tile": float(np.mean([g["seconds_per_tile"] for g in group]))}
+        entry: dict[str, Any] = {
+            "tiles": len(group),
+            "nfe": float(np.mean([g["nfe"] for g in group])),
+            "seconds_per_tile": float(np.mean([g["seconds_per_tile"] for g in group])),
+        }
         for metric in metrics:
             mean, low, high, n = bootstrap_ci([g.get(metric, math.nan) for g in group], seed=seed)
             entry[metric] = {"mean": mean, "low": low, "high": high, "n": n}
             paired = [g for g in group if g["tile"] in ref]
-            entry[f"delta/{metric}"] = None if key[0] == reference or not paired else paired_comparison(
-                [ref[g["tile"]].get(metric, math.nan) for g in paired], [g.get(metric, math.nan) for g in paired],
-                seed=seed)
+            entry[f"delta/{metric}"] = (
+                None
+                if key[0] == reference or not paired
+                else paired_comparison(
+                    [ref[g["tile"]].get(metric, math.nan) for g in paired],
+                    [g.get(metric, math.nan) for g in paired],
+                    seed=seed,
+                )
+            )
         out[key] = entry
     return out
 
@@ -107,8 +128,14 @@ def _errorbar(ax, xs: list[float], entries: list[Mapping], label: str) -> None:
     ax.errorbar(xs, means, yerr=[np.nan_to_num(low), np.nan_to_num(high)], marker="o", capsize=3, label=label)
 
 
-def plot_robustness(path: Path, suite: Suite, rows: Sequence[Row], summary: Mapping[Key, Mapping], evalset: str,
-                    metrics: Sequence[str] = ("artifact/psnr", "clean/psnr")) -> bool:
+def plot_robustness(
+    path: Path,
+    suite: Suite,
+    rows: Sequence[Row],
+    summary: Mapping[Key, Mapping],
+    evalset: str,
+    metrics: Sequence[str] = ("artifact/psnr", "clean/psnr"),
+) -> bool:
     """Metric against severity, one column per perturbation kind, one line per method (severity 0 = true mask).
 
     Returns:
@@ -119,8 +146,7 @@ def plot_robustness(path: Path, suite: Suite, rows: Sequence[Row], summary: Mapp
     if not groups or not methods:
         return False
     plt = _pyplot()
-    fig, axes = plt.subplots(len(metrics), len(groups), figsize=(3.2 * len(groups), 2.8 * len(metrics)),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(metrics), len(groups), figsize=(3.2 * len(groups), 2.8 * len(metrics)), squeeze=False)
     for col, group in enumerate(groups):
         members = [r for r in rows if r.group == group]
         for line, metric in enumerate(metrics):
@@ -136,16 +162,24 @@ def plot_robustness(path: Path, suite: Suite, rows: Sequence[Row], summary: Mapp
             ax.set_ylabel(metric if col == 0 else "")
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"{suite.name} on {evalset}: restored with the perturbed mask, scored on the true regions "
-                 f"(mean, 95 % bootstrap interval; {BIT_EXACT_PSNR:.1f} dB = bit-exact)", fontsize=9)
+    fig.suptitle(
+        f"{suite.name} on {evalset}: restored with the perturbed mask, scored on the true regions "
+        f"(mean, 95 % bootstrap interval; {BIT_EXACT_PSNR:.1f} dB = bit-exact)",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
 
 
-def plot_sampler(path: Path, suite: Suite, summary: Mapping[Key, Mapping], evalset: str,
-                 metrics: Sequence[str] = ("artifact/psnr", "artifact/ssim")) -> bool:
+def plot_sampler(
+    path: Path,
+    suite: Suite,
+    summary: Mapping[Key, Mapping],
+    evalset: str,
+    metrics: Sequence[str] = ("artifact/psnr", "artifact/ssim"),
+) -> bool:
     """Quality against NFE and against measured seconds per tile, one marker per row, one colour per method.
 
     Returns:
@@ -193,8 +227,9 @@ def _cell(entry: Mapping | None, signed: bool = False) -> str:
     return f"{fmt.format(mean)} [{fmt.format(entry['low'])}, {fmt.format(entry['high'])}]"
 
 
-def table(summary: Mapping[Key, Mapping], rows: Sequence[Row], metrics: Sequence[str], evalset: str,
-          reference: str) -> list[str]:
+def table(
+    summary: Mapping[Key, Mapping], rows: Sequence[Row], metrics: Sequence[str], evalset: str, reference: str
+) -> list[str]:
     """Markdown table of one evaluation set: NFE, s/tile, each metric and its paired Δ against the reference."""
     head = ["row", "method", "tiles", "NFE", "s/tile"]
     for metric in metrics:
@@ -212,26 +247,50 @@ def table(summary: Mapping[Key, Mapping], rows: Sequence[Row], metrics: Sequence
     return lines
 
 
-def render(suite: Suite, rows: Sequence[Row], summary: Mapping[Key, Mapping], notes: Sequence[str],
-           plots: Sequence[str], *, quick: bool, models: Mapping[str, Path],
-           evalsets: Mapping[str, tuple[Path, int]], options: Any) -> str:
+def render(
+    suite: Suite,
+    rows: Sequence[Row],
+    summary: Mapping[Key, Mapping],
+    notes: Sequence[str],
+    plots: Sequence[str],
+    *,
+    quick: bool,
+    models: Mapping[str, Path],
+    evalsets: Mapping[str, tuple[Path, int]],
+    options: Any,
+) -> str:
     """The text of ABLATIONS.md."""
     metrics = rows[0].metrics if rows else ()
-    lines = [f"# Ablation suite `{suite.name}`{' (quick)' if quick else ''}", "", suite.description, "",
-             f"Command: `python -m experiments.ablate --suite {suite.name}{' --quick' if quick else ''}`; seed "
-             f"{options.seed}, {options.device}, {options.precision}, batch {options.batch_size}.", ""]
+    lines = [
+        f"# Ablation suite `{suite.name}`{' (quick)' if quick else ''}",
+        "",
+        suite.description,
+        "",
+        f"Command: `python -m experiments.ablate --suite {suite.name}{' --quick' if quick else ''}`; seed "
+        f"{options.seed}, {options.device}, {options.precision}, batch {options.batch_size}.",
+        "",
+    ]
     if options.untrained:
-        lines += ["**The models are untrained**: tiny random-weight stand-ins built because the demo's exports were "
-                  "missing; the numbers show that the suite runs, not how the methods behave. Run `make demo` "
-                  "first for real figures.", ""]
-    lines += ["Models: " + (", ".join(f"{m} = `{p}`" for m, p in sorted(models.items())) or "none") + ".",
-              "Evaluation sets: " + ", ".join(f"{e} = `{p}` ({n} tiles)" for e, (p, n) in evalsets.items()) + ".", ""]
+        lines += [
+            "**The models are untrained**: tiny random-weight stand-ins built because the demo's exports were "
+            "missing; the numbers show that the suite runs, not how the methods behave. Run `make demo` "
+            "first for real figures.",
+            "",
+        ]
+    lines += [
+        "Models: " + (", ".join(f"{m} = `{p}`" for m, p in sorted(models.items())) or "none") + ".",
+        "Evaluation sets: " + ", ".join(f"{e} = `{p}` ({n} tiles)" for e, (p, n) in evalsets.items()) + ".",
+        "",
+    ]
     if suite.reference:
-        lines += [f"Cells: mean [95 % bootstrap interval] over tiles; Δ = paired difference against row "
-                  f"`{suite.reference}` of the same method on the same tiles [95 % bootstrap interval]. "
-                  "Metrics use the TRUE mask's regions (artifact, clean) whatever mask the restorer got. "
-                  "A clean-region PSNR of "
-                  f"{BIT_EXACT_PSNR:.2f} dB means bit-exact (MSE 0, clamped); read clean/mse alongside.", ""]
+        lines += [
+            f"Cells: mean [95 % bootstrap interval] over tiles; Δ = paired difference against row "
+            f"`{suite.reference}` of the same method on the same tiles [95 % bootstrap interval]. "
+            "Metrics use the TRUE mask's regions (artifact, clean) whatever mask the restorer got. "
+            "A clean-region PSNR of "
+            f"{BIT_EXACT_PSNR:.2f} dB means bit-exact (MSE 0, clamped); read clean/mse alongside.",
+            "",
+        ]
     for evalset in evalsets:
         lines += [f"## {evalset}", "", *table(summary, rows, metrics, evalset, suite.reference), ""]
     if notes:
@@ -242,9 +301,18 @@ def render(suite: Suite, rows: Sequence[Row], summary: Mapping[Key, Mapping], no
     return "\n".join(lines)
 
 
-def write_report(out: Path, suite: Suite, rows: Sequence[Row], results: Mapping[str, Mapping],
-                 notes: Sequence[str], *, quick: bool, models: Mapping[str, Path],
-                 evalsets: Mapping[str, tuple[Path, int]], options: Any) -> Path:
+def write_report(
+    out: Path,
+    suite: Suite,
+    rows: Sequence[Row],
+    results: Mapping[str, Mapping],
+    notes: Sequence[str],
+    *,
+    quick: bool,
+    models: Mapping[str, Path],
+    evalsets: Mapping[str, tuple[Path, int]],
+    options: Any,
+) -> Path:
     """Write ``tiles.csv``, ``summary.json``, the plots and ``ABLATIONS.md`` from the row results.
 
     Returns:
@@ -258,12 +326,24 @@ def write_report(out: Path, suite: Suite, rows: Sequence[Row], results: Mapping[
     plots = []
     for evalset in evalsets:
         name = f"{suite.name}_{evalset}.png"
-        drawn = (plot_robustness(out / name, suite, rows, summary, evalset) if suite.kind == "robustness"
-                 else plot_sampler(out / name, suite, summary, evalset))
+        drawn = (
+            plot_robustness(out / name, suite, rows, summary, evalset)
+            if suite.kind == "robustness"
+            else plot_sampler(out / name, suite, summary, evalset)
+        )
         if drawn:
             plots.append(name)
-    text = render(suite, [r for r in rows if r.name in results], summary, notes, plots, quick=quick, models=models,
-                  evalsets=evalsets, options=options)
+    text = render(
+        suite,
+        [r for r in rows if r.name in results],
+        summary,
+        notes,
+        plots,
+        quick=quick,
+        models=models,
+        evalsets=evalsets,
+        options=options,
+    )
     tmp = out / "ABLATIONS.md.tmp"
     tmp.write_text(text)
     os.replace(tmp, out / "ABLATIONS.md")

@@ -34,8 +34,18 @@ KINDS_ALL = (*RUNNABLE_KINDS, "paper", "training")
 SAMPLER_KEYS = frozenset({f.name for f in dataclasses.fields(SamplerConfig)} | {"scheduler"})
 _SUITE_KEYS = {"name", "kind", "description", "methods", "evalsets", "metrics", "quick", "reference", "groups", "rows"}
 _GROUP_KEYS = {"name", "field", "perturbation", "values", "quick", "options", "needs", "needs_field", "description"}
-_ROW_KEYS = {"name", "group", "description", "methods", "evalsets", "metrics", "overrides", "perturbation",
-             "train_overrides", "quick"}
+_ROW_KEYS = {
+    "name",
+    "group",
+    "description",
+    "methods",
+    "evalsets",
+    "metrics",
+    "overrides",
+    "perturbation",
+    "train_overrides",
+    "quick",
+}
 
 
 class SuiteError(ValueError):
@@ -92,9 +102,17 @@ class Row:
 
     def settings(self) -> dict[str, Any]:
         """JSON-ready settings that decide this row's results (hashed for resuming, shown by ``--dry-run``)."""
-        return {"name": self.name, "group": self.group, "level": self.level, "overrides": dict(self.overrides),
-                "perturbation": dataclasses.asdict(self.perturbation), "methods": list(self.methods),
-                "evalsets": list(self.evalsets), "needs": self.needs, "train_overrides": list(self.train_overrides)}
+        return {
+            "name": self.name,
+            "group": self.group,
+            "level": self.level,
+            "overrides": dict(self.overrides),
+            "perturbation": dataclasses.asdict(self.perturbation),
+            "methods": list(self.methods),
+            "evalsets": list(self.evalsets),
+            "needs": self.needs,
+            "train_overrides": list(self.train_overrides),
+        }
 
 
 @dataclass(frozen=True)
@@ -140,8 +158,10 @@ class Suite:
         if names:
             rows = [r for r in rows if r.name in names or r.name == self.reference]
         if quick and self.quick_evalsets:
-            rows = [dataclasses.replace(r, evalsets=tuple(e for e in r.evalsets if e in self.quick_evalsets)
-                                        or r.evalsets) for r in rows]
+            rows = [
+                dataclasses.replace(r, evalsets=tuple(e for e in r.evalsets if e in self.quick_evalsets) or r.evalsets)
+                for r in rows
+            ]
         return rows
 
     def with_evalsets(self, names: list[str]) -> Suite:
@@ -236,9 +256,11 @@ def parse_suite(data: Any, path: Path | None = None) -> Suite:
     _unknown("suite", data, _SUITE_KEYS)
     if data["kind"] not in KINDS_ALL:
         raise ValueError(f"kind {data['kind']!r} is not one of {list(KINDS_ALL)}")
-    defaults = {"methods": _strings(data.get("methods", []), "methods"),
-                "evalsets": _strings(data.get("evalsets", []), "evalsets"),
-                "metrics": _strings(data.get("metrics", []), "metrics")}
+    defaults = {
+        "methods": _strings(data.get("methods", []), "methods"),
+        "evalsets": _strings(data.get("evalsets", []), "evalsets"),
+        "metrics": _strings(data.get("metrics", []), "metrics"),
+    }
     rows: list[Row] = []
     reference = data.get("reference")
     if reference is not None:
@@ -257,10 +279,16 @@ def parse_suite(data: Any, path: Path | None = None) -> Suite:
     tiles = quick.get("tiles", 7)
     if isinstance(tiles, bool) or not isinstance(tiles, int) or tiles < 1:
         raise ValueError(f"quick.tiles must be an int >= 1, got {tiles!r}")
-    return Suite(name=str(data.get("name", path.stem if path else "suite")), kind=data["kind"],
-                 description=str(data.get("description", "")).strip(), rows=tuple(rows),
-                 reference=reference["name"] if reference is not None else "", quick_tiles=tiles,
-                 quick_evalsets=_strings(quick.get("evalsets", []), "quick.evalsets"), path=path)
+    return Suite(
+        name=str(data.get("name", path.stem if path else "suite")),
+        kind=data["kind"],
+        description=str(data.get("description", "")).strip(),
+        rows=tuple(rows),
+        reference=reference["name"] if reference is not None else "",
+        quick_tiles=tiles,
+        quick_evalsets=_strings(quick.get("evalsets", []), "quick.evalsets"),
+        path=path,
+    )
 
 
 def _listed_row(row: Any, defaults: Mapping[str, tuple], where: str) -> Row:
@@ -269,13 +297,16 @@ def _listed_row(row: Any, defaults: Mapping[str, tuple], where: str) -> Row:
         raise ValueError(f"{where} must be a mapping with a name")
     _unknown(where, row, _ROW_KEYS)
     return Row(
-        name=row["name"], group=row.get("group", row["name"]), level=row["name"],
+        name=row["name"],
+        group=row.get("group", row["name"]),
+        level=row["name"],
         overrides=_overrides(row.get("overrides", {}), f"{where}.overrides"),
         perturbation=_perturbation(row.get("perturbation", {"kind": "none"}), f"{where}.perturbation"),
         methods=_strings(row.get("methods", defaults["methods"]), f"{where}.methods"),
         evalsets=_strings(row.get("evalsets", defaults["evalsets"]), f"{where}.evalsets"),
         metrics=_strings(row.get("metrics", defaults["metrics"]), f"{where}.metrics"),
-        quick=bool(row.get("quick", True)), description=str(row.get("description", "")),
+        quick=bool(row.get("quick", True)),
+        description=str(row.get("description", "")),
         train_overrides=_strings(row.get("train_overrides", []), f"{where}.train_overrides"),
     )
 
@@ -295,12 +326,22 @@ def _group_rows(group: Any, defaults: Mapping[str, tuple], where: str) -> list[R
     rows = []
     for value in group["values"]:
         label, level, overrides, perturbation = _value(group, value, f"{where}.values")
-        rows.append(Row(
-            name=f"{group['name']}-{label}", group=group["name"], level=level, overrides=overrides,
-            perturbation=perturbation, methods=defaults["methods"], evalsets=defaults["evalsets"],
-            metrics=defaults["metrics"], quick=value in quick_values, needs=str(group.get("needs", "")),
-            needs_field=str(group.get("needs_field", "")), description=str(group.get("description", "")),
-        ))
+        rows.append(
+            Row(
+                name=f"{group['name']}-{label}",
+                group=group["name"],
+                level=level,
+                overrides=overrides,
+                perturbation=perturbation,
+                methods=defaults["methods"],
+                evalsets=defaults["evalsets"],
+                metrics=defaults["metrics"],
+                quick=value in quick_values,
+                needs=str(group.get("needs", "")),
+                needs_field=str(group.get("needs_field", "")),
+                description=str(group.get("description", "")),
+            )
+        )
     return rows
 
 

@@ -133,32 +133,65 @@ def sampler_settings(args: BenchmarkJob) -> tuple:
 
 def parse_args(argv: list[str] | None = None) -> BenchmarkJob:
     """Command-line arguments as a :class:`BenchmarkJob` (the sampler settings are checked here)."""
-    p = argparse.ArgumentParser(prog="python -m experiments.benchmark", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--methods", type=_csv(str, METHODS), default=None,
-                   help=f"comma-separated subset of {','.join(METHODS)} (default: every available one)")
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.benchmark",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--methods",
+        type=_csv(str, METHODS),
+        default=None,
+        help=f"comma-separated subset of {','.join(METHODS)} (default: every available one)",
+    )
     p.add_argument("--config", choices=tuple(CONFIGS), default="paper", help="model sizes (default: paper)")
-    p.add_argument("--precision", type=_csv(str, tuple(DTYPES)), default=["fp32", "bf16"],
-                   help="comma-separated autocast precisions (default: fp32,bf16)")
+    p.add_argument(
+        "--precision",
+        type=_csv(str, tuple(DTYPES)),
+        default=["fp32", "bf16"],
+        help="comma-separated autocast precisions (default: fp32,bf16)",
+    )
     p.add_argument("--batch-sizes", type=_csv(int), default=[1, 8], help="comma-separated batch sizes (default: 1,8)")
     p.add_argument("--device", default=_default_device(), help="cpu or cuda[:N]")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch.get_num_threads())")
-    p.add_argument("--max-seconds", type=float, default=30.0,
-                   help="time budget per measurement; a full restore runs only when its estimate fits it (default 30)")
+    p.add_argument(
+        "--max-seconds",
+        type=float,
+        default=30.0,
+        help="time budget per measurement; a full restore runs only when its estimate fits it (default 30)",
+    )
     p.add_argument("--warmup", type=int, default=1, help="untimed calls before each measurement (default 1)")
-    p.add_argument("--extrapolate", choices=EXTRAPOLATE_MODES, default="auto",
-                   help="auto: measure full restores that fit --max-seconds; always / never (default auto)")
+    p.add_argument(
+        "--extrapolate",
+        choices=EXTRAPOLATE_MODES,
+        default="auto",
+        help="auto: measure full restores that fit --max-seconds; always / never (default auto)",
+    )
     p.add_argument("--train-batch", type=int, default=8, help="batch size of the training throughput (default 8)")
-    p.add_argument("--training", action=argparse.BooleanOptionalAction, default=True,
-                   help="measure denoiser training throughput (default on)")
-    p.add_argument("--peak-size", type=int, default=None,
-                   help="matmul side for the peak (default 2048 on CPU, 8192 on CUDA)")
+    p.add_argument(
+        "--training",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure denoiser training throughput (default on)",
+    )
+    p.add_argument(
+        "--peak-size", type=int, default=None, help="matmul side for the peak (default 2048 on CPU, 8192 on CUDA)"
+    )
     p.add_argument("--json", type=Path, default=None, help="write every record to this JSON file")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sampler", type=Path, metavar="FILE",
-                   help="sampler settings file for the diffusion methods (experiments/configs/sampler/*.yaml)")
-    p.add_argument("--sampler-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="set one SamplerConfig field (YAML value) of the diffusion methods; wins over --sampler")
+    p.add_argument(
+        "--sampler",
+        type=Path,
+        metavar="FILE",
+        help="sampler settings file for the diffusion methods (experiments/configs/sampler/*.yaml)",
+    )
+    p.add_argument(
+        "--sampler-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set one SamplerConfig field (YAML value) of the diffusion methods; wins over --sampler",
+    )
     args = from_namespace(BenchmarkJob, p.parse_args(argv))
     try:
         sampler_settings(args)
@@ -195,28 +228,54 @@ def run(args: BenchmarkJob) -> list[dict]:
         bench = build_bench(method, geometry, device)
         sampler = apply_sampler_file(bench, args)
         flops = bench.count_flops()
-        log.info("%s (%s): built and counted in %.1f s; NFE %d, %.3g GFLOP/eval, %.3g GFLOP VAE per tile", method,
-                 args.config, time.perf_counter() - start, bench.nfe, flops["eval"] / 1e9,
-                 (flops["encode"] + flops["decode"]) / 1e9)
+        log.info(
+            "%s (%s): built and counted in %.1f s; NFE %d, %.3g GFLOP/eval, %.3g GFLOP VAE per tile",
+            method,
+            args.config,
+            time.perf_counter() - start,
+            bench.nfe,
+            flops["eval"] / 1e9,
+            (flops["encode"] + flops["decode"]) / 1e9,
+        )
         for precision in args.precision:
             for batch_size in args.batch_sizes:
                 done += 1
                 start = time.perf_counter()
                 record = restore_record(
-                    bench, config=args.config, precision=precision, batch_size=batch_size, flops=flops,
-                    max_seconds=args.max_seconds, warmup=args.warmup, extrapolate=args.extrapolate,
+                    bench,
+                    config=args.config,
+                    precision=precision,
+                    batch_size=batch_size,
+                    flops=flops,
+                    max_seconds=args.max_seconds,
+                    warmup=args.warmup,
+                    extrapolate=args.extrapolate,
                 )
                 records.append({**record, "sampler_file": sampler} if sampler is not None else record)
-                log.info("[%d/%d] %s %s batch %d: %.4g s/tile (%s, NFE %d) in %.1f s", done, total, method,
-                         precision, batch_size, record["seconds_per_tile"], record["measured_or_extrapolated"],
-                         record["nfe"], time.perf_counter() - start)
+                log.info(
+                    "[%d/%d] %s %s batch %d: %.4g s/tile (%s, NFE %d) in %.1f s",
+                    done,
+                    total,
+                    method,
+                    precision,
+                    batch_size,
+                    record["seconds_per_tile"],
+                    record["measured_or_extrapolated"],
+                    record["nfe"],
+                    time.perf_counter() - start,
+                )
         del bench
     add_batch_speedups(records)
     records += ratio_records(records)
 
     if args.training:
-        common = {"config": args.config, "precisions": args.precision, "batch_size": args.train_batch,
-                  "max_seconds": args.max_seconds, "warmup": args.warmup}
+        common = {
+            "config": args.config,
+            "precisions": args.precision,
+            "batch_size": args.train_batch,
+            "max_seconds": args.max_seconds,
+            "warmup": args.warmup,
+        }
         if "latent" in methods:
             records += training_records(geometry, device, **common)
         if "latent-conditional" in methods:
@@ -269,9 +328,15 @@ def measure_peaks(precisions: list[str], device: torch.device, size: int, second
     out = {}
     for precision in precisions:
         log.info("matmul peak (%s of run): %s %dx%d on %s", when, precision, size, size, device)
-        out[precision] = {"record": "peak", "when": when, "precision": precision, "size": size, "device": str(device),
-                          "threads": torch.get_num_threads(),
-                          "flops_per_second": matmul_peak(precision, device, size=size, max_seconds=seconds)}
+        out[precision] = {
+            "record": "peak",
+            "when": when,
+            "precision": precision,
+            "size": size,
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "flops_per_second": matmul_peak(precision, device, size=size, max_seconds=seconds),
+        }
     return out
 
 
@@ -291,8 +356,9 @@ def report(records: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run, print the tables, write ``--json``."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr
+    )
     args = parse_args(argv)
     records = run(args)
     print(report(records), flush=True)

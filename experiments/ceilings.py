@@ -45,8 +45,9 @@ def vae_ceilings(vae_dir: Path, data: Path, *, batch_size: int = 8) -> dict[str,
     """
     codec = LatentCodec(load_autoencoder(vae_dir)).float()
     dataset = TripletFolderDataset(data)
-    out: dict[str, dict[str, list[float]]] = {k: {"psnr": [], "ssim": []} for k in
-                                              ("input", *(f"oracle-{m}" for m in MODES))}
+    out: dict[str, dict[str, list[float]]] = {
+        k: {"psnr": [], "ssim": []} for k in ("input", *(f"oracle-{m}" for m in MODES))
+    }
     for start in range(0, len(dataset), batch_size):
         items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         clean = torch.stack([it["clean"] for it in items])
@@ -66,10 +67,15 @@ def vae_ceilings(vae_dir: Path, data: Path, *, batch_size: int = 8) -> dict[str,
 
 def markdown(values: dict[str, dict[str, list[float]]], vae_dir: Path, data: Path) -> str:
     """The ceiling table (mean [95 % CI] per row)."""
-    lines = [f"## VAE ceilings (`python -m experiments.ceilings --vae {vae_dir} --data {data}`)", "",
-             "Artifact-region quality if the denoiser were perfect (its latent = the clean tile's), per decode mode, "
-             "next to the unrestored input. A latent method cannot beat the ceiling of its decode mode.", "",
-             "| paste-back | artifact PSNR | artifact SSIM |", "|---|---|---|"]
+    lines = [
+        f"## VAE ceilings (`python -m experiments.ceilings --vae {vae_dir} --data {data}`)",
+        "",
+        "Artifact-region quality if the denoiser were perfect (its latent = the clean tile's), per decode mode, "
+        "next to the unrestored input. A latent method cannot beat the ceiling of its decode mode.",
+        "",
+        "| paste-back | artifact PSNR | artifact SSIM |",
+        "|---|---|---|",
+    ]
     for name, metrics in values.items():
         cells = []
         for metric in ("psnr", "ssim"):

@@ -62,8 +62,9 @@ def load_evalset(root: Path) -> EvalTiles:
     """
     names = sorted(p.name for p in (root / "corrupted").glob("*.png"))
     if not names:
-        raise FileNotFoundError(f"{root}/corrupted holds no PNG tiles; expected an evaluation set "
-                                "(python -m datamodules.synthesize)")
+        raise FileNotFoundError(
+            f"{root}/corrupted holds no PNG tiles; expected an evaluation set (python -m datamodules.synthesize)"
+        )
     clean = torch.stack([to_tensor(read_image(root / "clean" / n)) for n in names])
     corrupted = torch.stack([to_tensor(read_image(root / "corrupted" / n)) for n in names])
     masks = torch.stack([to_mask_tensor(read_mask(root / "masks" / n)) for n in names])
@@ -76,8 +77,9 @@ def configs(margins: list[int]) -> list[tuple[str, dict, int]]:
     return rows + [(f"crop, margin {m}", {"crop": True, "crop_margin": m}, 0) for m in margins]
 
 
-def timed_restore(pipe: RestorationPipeline, x: torch.Tensor, mask: torch.Tensor, seed: int,
-                  overrides: dict) -> tuple[torch.Tensor, float]:
+def timed_restore(
+    pipe: RestorationPipeline, x: torch.Tensor, mask: torch.Tensor, seed: int, overrides: dict
+) -> tuple[torch.Tensor, float]:
     """One restore call: ``(outputs rounded to 8 bits as (B, 3, H, W) in [-1, 1], seconds)``."""
     device = next(pipe.unet.parameters()).device
     synchronize(device)
@@ -88,34 +90,63 @@ def timed_restore(pipe: RestorationPipeline, x: torch.Tensor, mask: torch.Tensor
     return torch.stack([to_tensor(rgb) for rgb in to_uint8(out)]), seconds
 
 
-def compare(pipe: RestorationPipeline, tiles: EvalTiles, rows: list[tuple[str, dict, int]], *, batch_size: int,
-            seed: int, max_fraction: float) -> list[dict]:
+def compare(
+    pipe: RestorationPipeline,
+    tiles: EvalTiles,
+    rows: list[tuple[str, dict, int]],
+    *,
+    batch_size: int,
+    seed: int,
+    max_fraction: float,
+) -> list[dict]:
     """Per-tile ``crop_tile`` records of every row on one evaluation set (rows interleaved, order alternating)."""
     device = next(pipe.unet.parameters()).device
     out = []
     first = slice(0, batch_size)
     for _, overrides, _ in rows:  # warm-up: one untimed call per row
-        pipe.restore(tiles.corrupted[first].to(device), tiles.masks[first].to(device),
-                     generator=torch.Generator(device).manual_seed(seed), crop_max_fraction=max_fraction, **overrides)
+        pipe.restore(
+            tiles.corrupted[first].to(device),
+            tiles.masks[first].to(device),
+            generator=torch.Generator(device).manual_seed(seed),
+            crop_max_fraction=max_fraction,
+            **overrides,
+        )
     for b, start in enumerate(range(0, len(tiles.names), batch_size)):
         part = slice(start, start + batch_size)
         x, mask, clean = tiles.corrupted[part].to(device), tiles.masks[part].to(device), tiles.clean[part]
         order = rows if b % 2 == 0 else rows[::-1]
         for config, overrides, offset in order:
-            restored, seconds = timed_restore(pipe, x, mask, seed + b + offset,
-                                              {**overrides, "crop_max_fraction": max_fraction})
+            restored, seconds = timed_restore(
+                pipe, x, mask, seed + b + offset, {**overrides, "crop_max_fraction": max_fraction}
+            )
             psnr = per_image_metrics(restored.cpu(), clean, mask.cpu(), regions=("artifact",), metrics=("psnr",))
-            windows = plan_windows(mask, margin=overrides.get("crop_margin", 0), unit=pipe.unit, factor=pipe.factor,
-                                   max_fraction=max_fraction) if overrides["crop"] else [None] * len(restored)
+            windows = (
+                plan_windows(
+                    mask,
+                    margin=overrides.get("crop_margin", 0),
+                    unit=pipe.unit,
+                    factor=pipe.factor,
+                    max_fraction=max_fraction,
+                )
+                if overrides["crop"]
+                else [None] * len(restored)
+            )
             for i, name in enumerate(tiles.names[part]):
                 window = windows[i]
-                out.append({
-                    "record": "crop_tile", "method": pipe.name, "config": config, "evalset": tiles.name,
-                    "tile": name, "psnr_artifact": float(psnr["artifact/psnr"][i]),
-                    "seconds_per_tile": seconds / len(restored), "nfe": pipe.nfe,
-                    "window_fraction": 1.0 if window is None else window.area / mask[i].numel(),
-                    "fallback": window is not None and window.area == mask[i].numel(),
-                })
+                out.append(
+                    {
+                        "record": "crop_tile",
+                        "method": pipe.name,
+                        "config": config,
+                        "evalset": tiles.name,
+                        "tile": name,
+                        "psnr_artifact": float(psnr["artifact/psnr"][i]),
+                        "seconds_per_tile": seconds / len(restored),
+                        "nfe": pipe.nfe,
+                        "window_fraction": 1.0 if window is None else window.area / mask[i].numel(),
+                        "fallback": window is not None and window.area == mask[i].numel(),
+                    }
+                )
     return out
 
 
@@ -145,9 +176,18 @@ def border_profile(pipe: RestorationPipeline, tiles: EvalTiles, *, window: int, 
             for band in range(0, window // 2, bin_px):
                 inside = (distance >= band) & (distance < band + bin_px)
                 totals.setdefault(band, []).extend(diff[:, inside].mean(dim=1).tolist())
-    return [{"record": "vae_border", "method": pipe.name, "evalset": tiles.name, "window": window,
-             "distance_px": [band, band + bin_px], "mean_abs_diff_255": statistics.fmean(v), "tiles": len(v)}
-            for band, v in sorted(totals.items())]
+    return [
+        {
+            "record": "vae_border",
+            "method": pipe.name,
+            "evalset": tiles.name,
+            "window": window,
+            "distance_px": [band, band + bin_px],
+            "mean_abs_diff_255": statistics.fmean(v),
+            "tiles": len(v),
+        }
+        for band, v in sorted(totals.items())
+    ]
 
 
 def summarise(tile_records: list[dict], *, precision: str, batch_size: int) -> list[dict]:
@@ -162,16 +202,27 @@ def summarise(tile_records: list[dict], *, precision: str, batch_size: int) -> l
         deltas = [r["psnr_artifact"] - f["psnr_artifact"] for r, f in zip(rs, base, strict=True)]
         seconds = statistics.fmean(r["seconds_per_tile"] for r in rs)
         full_seconds = statistics.fmean(f["seconds_per_tile"] for f in base)
-        out.append({
-            "record": "crop", "method": method, "config": config, "precision": precision, "batch_size": batch_size,
-            "nfe": max(r["nfe"] for r in rs), "seconds_per_tile": seconds, "how": "measured",
-            "measured_or_extrapolated": "measured", "speedup": full_seconds / seconds,
-            "psnr_artifact": statistics.fmean(r["psnr_artifact"] for r in rs),
-            "psnr_artifact_delta": statistics.fmean(deltas), "psnr_artifact_delta_max_abs": max(map(abs, deltas)),
-            "fallback_share": statistics.fmean(r["fallback"] for r in rs) if config.startswith("crop") else None,
-            "window_fraction": statistics.fmean(r["window_fraction"] for r in rs), "tiles": len(rs),
-            "evalsets": sorted({r["evalset"] for r in rs}),
-        })
+        out.append(
+            {
+                "record": "crop",
+                "method": method,
+                "config": config,
+                "precision": precision,
+                "batch_size": batch_size,
+                "nfe": max(r["nfe"] for r in rs),
+                "seconds_per_tile": seconds,
+                "how": "measured",
+                "measured_or_extrapolated": "measured",
+                "speedup": full_seconds / seconds,
+                "psnr_artifact": statistics.fmean(r["psnr_artifact"] for r in rs),
+                "psnr_artifact_delta": statistics.fmean(deltas),
+                "psnr_artifact_delta_max_abs": max(map(abs, deltas)),
+                "fallback_share": statistics.fmean(r["fallback"] for r in rs) if config.startswith("crop") else None,
+                "window_fraction": statistics.fmean(r["window_fraction"] for r in rs),
+                "tiles": len(rs),
+                "evalsets": sorted({r["evalset"] for r in rs}),
+            }
+        )
     return out
 
 
@@ -182,12 +233,40 @@ def table(records: list[dict]) -> str:
         if r.get("record") != "crop":
             continue
         fallback = "-" if r["fallback_share"] is None else f"{100 * r['fallback_share']:.0f} %"
-        rows.append([r["method"], r["config"], r["precision"], str(r["batch_size"]), str(r["nfe"]),
-                     f"{r['seconds_per_tile']:.4g}", r["how"], f"{r['speedup']:.2f}", f"{r['psnr_artifact']:.2f}",
-                     f"{r['psnr_artifact_delta']:+.3f}", f"{r['psnr_artifact_delta_max_abs']:.3f}", fallback,
-                     f"{100 * r['window_fraction']:.0f} %", str(r["tiles"])])
-    header = ["method", "config", "precision", "batch", "NFE", "s/tile", "how", "full/this", "PSNR artifact",
-              "Δ PSNR vs full (mean)", "max |Δ|", "whole-tile fallback", "area encoded", "tiles"]
+        rows.append(
+            [
+                r["method"],
+                r["config"],
+                r["precision"],
+                str(r["batch_size"]),
+                str(r["nfe"]),
+                f"{r['seconds_per_tile']:.4g}",
+                r["how"],
+                f"{r['speedup']:.2f}",
+                f"{r['psnr_artifact']:.2f}",
+                f"{r['psnr_artifact_delta']:+.3f}",
+                f"{r['psnr_artifact_delta_max_abs']:.3f}",
+                fallback,
+                f"{100 * r['window_fraction']:.0f} %",
+                str(r["tiles"]),
+            ]
+        )
+    header = [
+        "method",
+        "config",
+        "precision",
+        "batch",
+        "NFE",
+        "s/tile",
+        "how",
+        "full/this",
+        "PSNR artifact",
+        "Δ PSNR vs full (mean)",
+        "max |Δ|",
+        "whole-tile fallback",
+        "area encoded",
+        "tiles",
+    ]
     return markdown_table(header, rows)
 
 
@@ -198,8 +277,9 @@ def profile_table(records: list[dict]) -> str:
     for r in records:
         rows.setdefault((r["method"], r["evalset"]), {})[tuple(r["distance_px"])] = r["mean_abs_diff_255"]
     header = ["VAE of", "evalset", *(f"{a}-{b} px" for a, b in bands)]
-    return markdown_table(header, [[m, e, *(f"{v.get(b, float('nan')):.2f}" for b in bands)]
-                                   for (m, e), v in rows.items()])
+    return markdown_table(
+        header, [[m, e, *(f"{v.get(b, float('nan')):.2f}" for b in bands)] for (m, e), v in rows.items()]
+    )
 
 
 def _ints(text: str) -> list[int]:
@@ -211,8 +291,11 @@ def _ints(text: str) -> list[int]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments."""
-    p = argparse.ArgumentParser(prog="python -m experiments.crop_bound", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.crop_bound",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--pipelines", required=True, help="comma-separated exported latent pipeline folders")
     p.add_argument("--data", required=True, help="comma-separated evaluation sets (clean/, corrupted/, masks/)")
     p.add_argument("--margins", type=_ints, default=[32], help="comma-separated crop margins in px (default 32)")
@@ -222,8 +305,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--border-window", type=int, default=128,
-                   help="side of the centre square of the VAE border profile; 0 skips it (default 128)")
+    p.add_argument(
+        "--border-window",
+        type=int,
+        default=128,
+        help="side of the centre square of the VAE border profile; 0 skips it (default 128)",
+    )
     p.add_argument("--json", type=Path, default=None, help="write every record to this JSON file")
     args = p.parse_args(argv)
     if args.batch_size < 1 or not 0 < args.max_fraction <= 1:
@@ -231,15 +318,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def write_records(path: Path | None, device: torch.device, tile_records: list[dict], profiles: list[dict],
-                  args: argparse.Namespace) -> list[dict]:
+def write_records(
+    path: Path | None, device: torch.device, tile_records: list[dict], profiles: list[dict], args: argparse.Namespace
+) -> list[dict]:
     """Every record so far (machine, summaries, profiles, tiles), written to ``path`` (atomically) when given.
 
     Called after each pipeline and evaluation set, so a long run that is stopped keeps what it measured.
     """
-    records = [{"record": "machine", **machine_info(device)},
-               *summarise(tile_records, precision=args.precision, batch_size=args.batch_size), *profiles,
-               *tile_records]
+    records = [
+        {"record": "machine", **machine_info(device)},
+        *summarise(tile_records, precision=args.precision, batch_size=args.batch_size),
+        *profiles,
+        *tile_records,
+    ]
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
@@ -263,10 +354,17 @@ def main(argv: list[str] | None = None) -> int:
         log.info("%s (%s): unit %d px, sampler %s", pipe.name, folder, pipe.unit, pipe.sampler_config)
         for tiles in evalsets:
             start = time.perf_counter()
-            tile_records += compare(pipe, tiles, configs(args.margins), batch_size=args.batch_size, seed=args.seed,
-                                    max_fraction=args.max_fraction)
-            log.info("%s on %s: %d tiles in %.0f s", pipe.name, tiles.name, len(tiles.names),
-                     time.perf_counter() - start)
+            tile_records += compare(
+                pipe,
+                tiles,
+                configs(args.margins),
+                batch_size=args.batch_size,
+                seed=args.seed,
+                max_fraction=args.max_fraction,
+            )
+            log.info(
+                "%s on %s: %d tiles in %.0f s", pipe.name, tiles.name, len(tiles.names), time.perf_counter() - start
+            )
             if args.border_window:
                 profiles += border_profile(pipe, tiles, window=args.border_window, bin_px=pipe.factor)
             write_records(args.json, device, tile_records, profiles, args)

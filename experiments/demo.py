@@ -88,11 +88,31 @@ class DemoSettings:
     @classmethod
     def quick(cls) -> "DemoSettings":
         """A few-minute run of every stage."""
-        return cls(vae_steps=40, vae_batch=4, latent_steps=40, latent_batch=8, cache_variants=1, conditional_steps=40,
-                   conditional_batch=8, conditional_variants=1, test_count=7, unseen_count=7, sample_steps=4,
-                   conditional_sample_steps=1, refiner_steps=10, refiner_variants=1, refiner_batch=4, refiner_crop=64,
-                   artifusion_steps=10, artifusion_sample_steps=4, cyclegan_epochs=1,
-                   cyclegan_batches=5, segmenter_steps=10, segmenter_tile=64, segmenter_batch=4)
+        return cls(
+            vae_steps=40,
+            vae_batch=4,
+            latent_steps=40,
+            latent_batch=8,
+            cache_variants=1,
+            conditional_steps=40,
+            conditional_batch=8,
+            conditional_variants=1,
+            test_count=7,
+            unseen_count=7,
+            sample_steps=4,
+            conditional_sample_steps=1,
+            refiner_steps=10,
+            refiner_variants=1,
+            refiner_batch=4,
+            refiner_crop=64,
+            artifusion_steps=10,
+            artifusion_sample_steps=4,
+            cyclegan_epochs=1,
+            cyclegan_batches=5,
+            segmenter_steps=10,
+            segmenter_tile=64,
+            segmenter_batch=4,
+        )
 
     def digest(self, *keys: str) -> str:
         """Hash of the named settings (a stage reruns when these change)."""
@@ -144,22 +164,36 @@ def mark_done(out: Path, name: str, digest: str, seconds: float) -> None:
 
 def _run_args(out: Path, name: str) -> list[str]:
     """Where a stage's run writes (checkpoints, wandb offline run)."""
-    return [f"--trainer.default_root_dir={out / 'runs'}", "--trainer.logger.init_args.save_dir", str(out / "runs"),
-            f"--trainer.logger.init_args.name=demo-{name}"]
+    return [
+        f"--trainer.default_root_dir={out / 'runs'}",
+        "--trainer.logger.init_args.save_dir",
+        str(out / "runs"),
+        f"--trainer.logger.init_args.name=demo-{name}",
+    ]
 
 
 def train_vae(out: Path, s: DemoSettings) -> Path:
     """Train the CPU VAE (model/vae_cpu.yaml) on clean train crops through LightningCLI, then export it."""
-    cli = fit([
-        "--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "model/vae_cpu.yaml"),
-        "--config", str(CONFIGS / "data/bundled.yaml"),
-        f"--data.init_args.tile_size={s.vae_tile}", f"--data.init_args.stride={s.vae_tile // 2}",
-        f"--data.init_args.batch_size={s.vae_batch}", "--data.init_args.num_workers=0",
-        f"--data.init_args.max_tiles={{val: {2 * s.vae_batch}}}",
-        f"--trainer.max_steps={s.vae_steps}", f"--model.init_args.lr_scheduler.init_args.total_steps={s.vae_steps}",
-        f"--trainer.val_check_interval={max(1, min(500, s.vae_steps))}", "--trainer.check_val_every_n_epoch=null",
-        *_run_args(out, "vae"),
-    ])
+    cli = fit(
+        [
+            "--config",
+            str(CONFIGS / "base.yaml"),
+            "--config",
+            str(CONFIGS / "model/vae_cpu.yaml"),
+            "--config",
+            str(CONFIGS / "data/bundled.yaml"),
+            f"--data.init_args.tile_size={s.vae_tile}",
+            f"--data.init_args.stride={s.vae_tile // 2}",
+            f"--data.init_args.batch_size={s.vae_batch}",
+            "--data.init_args.num_workers=0",
+            f"--data.init_args.max_tiles={{val: {2 * s.vae_batch}}}",
+            f"--trainer.max_steps={s.vae_steps}",
+            f"--model.init_args.lr_scheduler.init_args.total_steps={s.vae_steps}",
+            f"--trainer.val_check_interval={max(1, min(500, s.vae_steps))}",
+            "--trainer.check_val_every_n_epoch=null",
+            *_run_args(out, "vae"),
+        ]
+    )
     from datamodules.restoration import CleanTileDataModule
 
     # the scaling factor is estimated on whole 256 px val tiles: what the denoisers will encode
@@ -176,13 +210,21 @@ def latent_channels(out: Path) -> int:
 def latent_args(out: Path, s: DemoSettings) -> list[str]:
     """``experiments.train fit`` arguments of the paper's (unconditional) denoiser on the demo VAE's latent cache."""
     return [
-        "--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "model/latent_cpu.yaml"),
-        "--config", str(CONFIGS / "data/latent_cache.yaml"),
-        f"--model.init_args.autoencoder={out / 'vae'}", f"--data.init_args.autoencoder={out / 'vae'}",
+        "--config",
+        str(CONFIGS / "base.yaml"),
+        "--config",
+        str(CONFIGS / "model/latent_cpu.yaml"),
+        "--config",
+        str(CONFIGS / "data/latent_cache.yaml"),
+        f"--model.init_args.autoencoder={out / 'vae'}",
+        f"--data.init_args.autoencoder={out / 'vae'}",
         f"--model.init_args.denoiser.init_args.in_channels={latent_channels(out)}",
-        f"--data.init_args.cache_dir={out / 'latent_cache'}", f"--data.init_args.variants={s.cache_variants}",
+        f"--data.init_args.cache_dir={out / 'latent_cache'}",
+        f"--data.init_args.variants={s.cache_variants}",
         f"--data.init_args.batch_size={s.latent_batch}",
-        f"--trainer.max_steps={s.latent_steps}", "--trainer.max_epochs=-1", *_run_args(out, "latent"),
+        f"--trainer.max_steps={s.latent_steps}",
+        "--trainer.max_epochs=-1",
+        *_run_args(out, "latent"),
     ]
 
 
@@ -190,30 +232,41 @@ def latent_sampler(s: DemoSettings):
     """Default sampler of the exported paper-method pipeline."""
     from lightning_modules.components.regional_sampler import SamplerConfig
 
-    return SamplerConfig.from_preset("repaint", num_steps=s.sample_steps, strength=s.sample_strength,
-                                     feather=s.feather)
+    return SamplerConfig.from_preset("repaint", num_steps=s.sample_steps, strength=s.sample_strength, feather=s.feather)
 
 
 def train_latent(out: Path, s: DemoSettings) -> Path:
     """Encode the latent cache once, train the paper's (unconditional) denoiser on it, export ``pipeline/``."""
     cli = fit(latent_args(out, s))
-    return cli.model.export(out / "pipeline", sampler=latent_sampler(s), image_size=256,
-                            scheduler_name=s.sample_scheduler,
-                            extra={"trained_by": "experiments.demo", "settings": asdict(s)})
+    return cli.model.export(
+        out / "pipeline",
+        sampler=latent_sampler(s),
+        image_size=256,
+        scheduler_name=s.sample_scheduler,
+        extra={"trained_by": "experiments.demo", "settings": asdict(s)},
+    )
 
 
 def conditional_args(out: Path, s: DemoSettings) -> list[str]:
     """``experiments.train fit`` arguments of ``latent-conditional`` on the demo VAE's restoration latent cache."""
     channels = latent_channels(out)
     return [
-        "--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "model/conditional_cpu.yaml"),
-        "--config", str(CONFIGS / "data/restoration_cache.yaml"),
-        f"--model.init_args.autoencoder={out / 'vae'}", f"--data.init_args.autoencoder={out / 'vae'}",
+        "--config",
+        str(CONFIGS / "base.yaml"),
+        "--config",
+        str(CONFIGS / "model/conditional_cpu.yaml"),
+        "--config",
+        str(CONFIGS / "data/restoration_cache.yaml"),
+        f"--model.init_args.autoencoder={out / 'vae'}",
+        f"--data.init_args.autoencoder={out / 'vae'}",
         f"--model.init_args.denoiser.init_args.in_channels={2 * channels + 1}",
         f"--model.init_args.denoiser.init_args.out_channels={channels}",
         f"--data.init_args.cache_dir={out / 'restoration_cache'}",
-        f"--data.init_args.variants={s.conditional_variants}", f"--data.init_args.batch_size={s.conditional_batch}",
-        f"--trainer.max_steps={s.conditional_steps}", "--trainer.max_epochs=-1", *_run_args(out, "conditional"),
+        f"--data.init_args.variants={s.conditional_variants}",
+        f"--data.init_args.batch_size={s.conditional_batch}",
+        f"--trainer.max_steps={s.conditional_steps}",
+        "--trainer.max_epochs=-1",
+        *_run_args(out, "conditional"),
         f"--model.init_args.lr_scheduler.init_args.total_steps={s.conditional_steps}",
     ]
 
@@ -231,8 +284,13 @@ def conditional_sampler(s: DemoSettings):
 def train_conditional(out: Path, s: DemoSettings) -> Path:
     """Encode the restoration latent cache once, train ``latent-conditional``, export ``pipeline_conditional/``."""
     cli = fit(conditional_args(out, s))
-    return cli.model.export(out / "pipeline_conditional", sampler=conditional_sampler(s), image_size=256,
-                            scheduler_name="ddim", extra={"trained_by": "experiments.demo", "settings": asdict(s)})
+    return cli.model.export(
+        out / "pipeline_conditional",
+        sampler=conditional_sampler(s),
+        image_size=256,
+        scheduler_name="ddim",
+        extra={"trained_by": "experiments.demo", "settings": asdict(s)},
+    )
 
 
 def refiner_args(out: Path, s: DemoSettings) -> list[str]:
@@ -241,15 +299,23 @@ def refiner_args(out: Path, s: DemoSettings) -> list[str]:
     It is validated once, at the end, on whole val tiles (``val/artifact_psnr_gain``: refined minus latent stage).
     """
     return [
-        "--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "model/refiner_cpu.yaml"),
-        "--config", str(CONFIGS / "data/refiner_pool.yaml"),
+        "--config",
+        str(CONFIGS / "base.yaml"),
+        "--config",
+        str(CONFIGS / "model/refiner_cpu.yaml"),
+        "--config",
+        str(CONFIGS / "data/refiner_pool.yaml"),
         f"--data.init_args.pipeline={out / 'pipeline_conditional'}",
         f"--data.init_args.cache_dir={out / 'refiner_pool'}",
-        f"--data.init_args.variants={s.refiner_variants}", f"--data.init_args.batch_size={s.refiner_batch}",
-        f"--data.init_args.crop={s.refiner_crop}", f"--data.init_args.max_tiles={{val: {2 * s.refiner_batch}}}",
-        f"--trainer.max_steps={s.refiner_steps}", f"--trainer.val_check_interval={s.refiner_steps}",
+        f"--data.init_args.variants={s.refiner_variants}",
+        f"--data.init_args.batch_size={s.refiner_batch}",
+        f"--data.init_args.crop={s.refiner_crop}",
+        f"--data.init_args.max_tiles={{val: {2 * s.refiner_batch}}}",
+        f"--trainer.max_steps={s.refiner_steps}",
+        f"--trainer.val_check_interval={s.refiner_steps}",
         "--trainer.check_val_every_n_epoch=null",
-        f"--model.init_args.lr_scheduler.init_args.total_steps={s.refiner_steps}", *_run_args(out, "refiner"),
+        f"--model.init_args.lr_scheduler.init_args.total_steps={s.refiner_steps}",
+        *_run_args(out, "refiner"),
     ]
 
 
@@ -258,19 +324,30 @@ def train_refiner(out: Path, s: DemoSettings) -> Path:
     from lightning_modules.components.pipeline import attach_refiner
 
     cli = fit(refiner_args(out, s))
-    return attach_refiner(out / "pipeline_conditional", cli.model.net,
-                          {"trained_by": "experiments.demo", "steps": s.refiner_steps, "variants": s.refiner_variants})
+    return attach_refiner(
+        out / "pipeline_conditional",
+        cli.model.net,
+        {"trained_by": "experiments.demo", "steps": s.refiner_steps, "variants": s.refiner_variants},
+    )
 
 
 def artifusion_args(out: Path, s: DemoSettings) -> list[str]:
     """``experiments.train fit`` arguments of the CPU pixel ArtiFusion (Swin-UNet + time token) on clean tiles."""
     return [
-        "--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "model/artifusion_cpu.yaml"),
-        "--config", str(CONFIGS / "data/bundled.yaml"), "--data.init_args.batch_size=8",
+        "--config",
+        str(CONFIGS / "base.yaml"),
+        "--config",
+        str(CONFIGS / "model/artifusion_cpu.yaml"),
+        "--config",
+        str(CONFIGS / "data/bundled.yaml"),
+        "--data.init_args.batch_size=8",
         # fully convolutional/windowed networks: train on 128 px crops (4x cheaper), restore 256 px tiles
         "--data.init_args.tile_size=128",
-        "--data.init_args.num_workers=1", "--data.init_args.max_tiles={val: 8}",
-        f"--trainer.max_steps={s.artifusion_steps}", "--trainer.max_epochs=-1", *_run_args(out, "artifusion"),
+        "--data.init_args.num_workers=1",
+        "--data.init_args.max_tiles={val: 8}",
+        f"--trainer.max_steps={s.artifusion_steps}",
+        "--trainer.max_epochs=-1",
+        *_run_args(out, "artifusion"),
     ]
 
 
@@ -293,15 +370,23 @@ def train_artifusion(out: Path, s: DemoSettings) -> Path:
 
 def train_cyclegan(out: Path, s: DemoSettings) -> Path:
     """Train the CPU-sized CycleGAN unpaired on corrupted vs clean tiles and export its generator."""
-    cli = fit([
-        "--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "model/cyclegan_cpu.yaml"),
-        "--config", str(CONFIGS / "data/bundled_restoration.yaml"), "--data.init_args.num_workers=1",
-        "--data.init_args.tile_size=128",
-        "--data.init_args.max_tiles={val: 8}",
-        # its LR schedule is per epoch (constant, then linear decay), so the demo shortens epochs, not max_epochs=-1
-        f"--trainer.max_epochs={s.cyclegan_epochs}", f"--trainer.limit_train_batches={s.cyclegan_batches}",
-        *_run_args(out, "cyclegan"),
-    ])
+    cli = fit(
+        [
+            "--config",
+            str(CONFIGS / "base.yaml"),
+            "--config",
+            str(CONFIGS / "model/cyclegan_cpu.yaml"),
+            "--config",
+            str(CONFIGS / "data/bundled_restoration.yaml"),
+            "--data.init_args.num_workers=1",
+            "--data.init_args.tile_size=128",
+            "--data.init_args.max_tiles={val: 8}",
+            # its LR schedule is per epoch (constant, then linear decay), so the demo shortens epochs, not max_epochs=-1
+            f"--trainer.max_epochs={s.cyclegan_epochs}",
+            f"--trainer.limit_train_batches={s.cyclegan_batches}",
+            *_run_args(out, "cyclegan"),
+        ]
+    )
     return cli.model.export(out / "cyclegan")
 
 
@@ -314,13 +399,21 @@ def segmenter_args(out: Path, s: DemoSettings) -> list[str]:
     It trains on synthetic artifacts of the bundled slides' train split and is validated once, at the end.
     """
     return [
-        "--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "model/segmenter_cpu.yaml"),
-        "--config", str(CONFIGS / "data/bundled_restoration.yaml"),
-        f"--data.init_args.tile_size={s.segmenter_tile}", f"--data.init_args.stride={s.segmenter_tile // 2}",
+        "--config",
+        str(CONFIGS / "base.yaml"),
+        "--config",
+        str(CONFIGS / "model/segmenter_cpu.yaml"),
+        "--config",
+        str(CONFIGS / "data/bundled_restoration.yaml"),
+        f"--data.init_args.tile_size={s.segmenter_tile}",
+        f"--data.init_args.stride={s.segmenter_tile // 2}",
         f"--data.init_args.batch_size={s.segmenter_batch}",
-        "--data.init_args.num_workers=1", f"--data.init_args.max_tiles={{val: {2 * s.segmenter_batch}}}",
-        f"--trainer.max_steps={s.segmenter_steps}", "--trainer.max_epochs=-1",
-        f"--trainer.val_check_interval={s.segmenter_steps}", "--trainer.check_val_every_n_epoch=null",
+        "--data.init_args.num_workers=1",
+        f"--data.init_args.max_tiles={{val: {2 * s.segmenter_batch}}}",
+        f"--trainer.max_steps={s.segmenter_steps}",
+        "--trainer.max_epochs=-1",
+        f"--trainer.val_check_interval={s.segmenter_steps}",
+        "--trainer.check_val_every_n_epoch=null",
         *_run_args(out, "segmenter"),
     ]
 
@@ -331,8 +424,10 @@ def train_segmenter(out: Path, s: DemoSettings) -> Path:
     That folder is the ``--mask-model`` of ``experiments.restore --masks auto`` and ``restore_slide --masks auto``.
     """
     cli = fit(segmenter_args(out, s))
-    return cli.model.export(out / SEGMENTER, extra={"trained_by": "experiments.demo", "tile_size": s.segmenter_tile,
-                                                     "steps": s.segmenter_steps})
+    return cli.model.export(
+        out / SEGMENTER,
+        extra={"trained_by": "experiments.demo", "tile_size": s.segmenter_tile, "steps": s.segmenter_steps},
+    )
 
 
 def segmenter_dice(model_dir: Path, evalset: Path, batch_size: int = 8) -> dict:
@@ -371,9 +466,14 @@ def segmenter_dice(model_dir: Path, evalset: Path, batch_size: int = 8) -> dict:
     def dice(c: list[int]) -> float | None:
         return 2 * c[0] / (c[1] + c[2]) if c[1] + c[2] else None
 
-    return {"tiles": len(names), "threshold": net.config.threshold, "dice": dice(counts.pop("all")),
-            "mean_tile_dice": sum(tile_dice) / len(tile_dice) if tile_dice else None,
-            "per_type": {t: dice(c) for t, c in sorted(counts.items())}, "seconds": time.perf_counter() - start}
+    return {
+        "tiles": len(names),
+        "threshold": net.config.threshold,
+        "dice": dice(counts.pop("all")),
+        "mean_tile_dice": sum(tile_dice) / len(tile_dice) if tile_dice else None,
+        "per_type": {t: dice(c) for t, c in sorted(counts.items())},
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def segmenter_section(out: Path) -> list[str]:
@@ -387,15 +487,19 @@ def segmenter_section(out: Path) -> list[str]:
         return "-" if v is None else f"{v:.3f}"
 
     return [
-        "## Automatic artifact masks (`artifact_segmenter/`)", "",
+        "## Automatic artifact masks (`artifact_segmenter/`)",
+        "",
         f"Dice of the exported segmenter's masks (threshold {r['threshold']:g}, whole 256 px tiles) against the exact "
         f"masks of the {r['tiles']} test-split tiles in `evalset/`: **{fmt(r['dice'])}** pooled over every pixel, "
         f"{fmt(r['mean_tile_dice'])} averaged over tiles. Trained {r.get('steps', '?')} steps on "
         f"{r.get('tile_size', '?')} px crops of the train split (`model/segmenter_cpu.yaml`); use it with "
         "`python -m experiments.restore --masks auto --mask-model outputs/demo/artifact_segmenter` or "
-        "`experiments.restore_slide --masks auto --mask-model ...`.", "",
-        "| artifact type | Dice |", "|---|---|",
-        *[f"| {t} | {fmt(v)} |" for t, v in r["per_type"].items()], "",
+        "`experiments.restore_slide --masks auto --mask-model ...`.",
+        "",
+        "| artifact type | Dice |",
+        "|---|---|",
+        *[f"| {t} | {fmt(v)} |" for t, v in r["per_type"].items()],
+        "",
     ]
 
 
@@ -427,12 +531,16 @@ def write_report(out: Path, s: DemoSettings, timings: dict[str, float], quick: b
         *section("eval_unseen", "Unseen tissue (whole images no model trains on)"),
     ]
     lines += segmenter_section(out)
-    lines += ["What the VAE allows at best (the clean tile's own latent, each decode mode): "
-              f"`python -m experiments.ceilings --vae {out / 'vae'} --data {out / 'evalset'}`.", ""]
+    lines += [
+        "What the VAE allows at best (the clean tile's own latent, each decode mode): "
+        f"`python -m experiments.ceilings --vae {out / 'vae'} --data {out / 'evalset'}`.",
+        "",
+    ]
     if (out / "downstream" / "downstream.md").is_file():
         lines += [(out / "downstream" / "downstream.md").read_text(), ""]
     lines += [
-        "## Stages", "",
+        "## Stages",
+        "",
         "| stage | seconds |",
         "|---|---|",
         *[f"| {k} | {v:.1f} |" for k, v in timings.items()],
@@ -492,26 +600,46 @@ def main(argv: list[str] | None = None) -> int:
     from experiments.evaluate import EvaluateJob, evaluate
 
     vae_keys = ("vae_tile", "vae_steps", "vae_batch")
-    latent_keys = (*vae_keys, "latent_steps", "latent_batch", "cache_variants", "sample_steps", "sample_scheduler",
-                   "sample_strength", "feather")
-    conditional_keys = (*vae_keys, "conditional_steps", "conditional_batch", "conditional_variants",
-                        "conditional_sample_steps", "feather")
+    latent_keys = (
+        *vae_keys,
+        "latent_steps",
+        "latent_batch",
+        "cache_variants",
+        "sample_steps",
+        "sample_scheduler",
+        "sample_strength",
+        "feather",
+    )
+    conditional_keys = (
+        *vae_keys,
+        "conditional_steps",
+        "conditional_batch",
+        "conditional_variants",
+        "conditional_sample_steps",
+        "feather",
+    )
     baseline_keys = ("baselines", "artifusion_steps", "artifusion_sample_steps", "cyclegan_epochs", "cyclegan_batches")
     stage("gallery", (), lambda: write_gallery(out / "gallery.png", columns=4))
     stage("train VAE", vae_keys, lambda: train_vae(out, s))
     stage("train latent denoiser + export pipeline", latent_keys, lambda: train_latent(out, s))
-    stage("train latent-conditional + export pipeline_conditional", conditional_keys,
-          lambda: train_conditional(out, s))
+    stage("train latent-conditional + export pipeline_conditional", conditional_keys, lambda: train_conditional(out, s))
     refiner_keys = (*conditional_keys, "refiner_steps", "refiner_variants", "refiner_batch", "refiner_crop")
     # re-exporting pipeline_conditional drops its refiner, so a missing refiner/ reruns this stage whatever the stamp
-    stage("train pixel refiner + add it to pipeline_conditional", refiner_keys, lambda: train_refiner(out, s),
-          output=out / "pipeline_conditional" / "refiner")
+    stage(
+        "train pixel refiner + add it to pipeline_conditional",
+        refiner_keys,
+        lambda: train_refiner(out, s),
+        output=out / "pipeline_conditional" / "refiner",
+    )
     segmenter_keys = ("segmenter_steps", "segmenter_tile", "segmenter_batch")
     stage("train artifact segmenter + export artifact_segmenter", segmenter_keys, lambda: train_segmenter(out, s))
     methods = s.methods.replace("latent-conditional", f"latent-conditional={out / 'pipeline_conditional'}")
     if s.baselines:
-        stage("train pixel ArtiFusion baseline", ("artifusion_steps", "artifusion_sample_steps", "feather"),
-              lambda: train_artifusion(out, s))
+        stage(
+            "train pixel ArtiFusion baseline",
+            ("artifusion_steps", "artifusion_sample_steps", "feather"),
+            lambda: train_artifusion(out, s),
+        )
         stage("train CycleGAN baseline", ("cyclegan_epochs", "cyclegan_batches"), lambda: train_cyclegan(out, s))
         methods += f",artifusion={out / 'artifusion'},cyclegan={out / 'cyclegan'}"
     evalsets = {"evalset": ("test", s.test_count), "evalset_unseen": ("unseen", s.unseen_count)}
@@ -534,15 +662,26 @@ def main(argv: list[str] | None = None) -> int:
     def restore_and_evaluate() -> None:
         for folder, result in (("evalset", "eval"), ("evalset_unseen", "eval_unseen")):
             shutil.rmtree(out / result, ignore_errors=True)  # restored outputs of older pipelines must not be reused
-            evaluate(EvaluateJob(out=out / result, data=out / folder, methods=methods, model=out / "pipeline",
-                                 batch_size=8, precision=args.precision, title="Restoration comparison"))
+            evaluate(
+                EvaluateJob(
+                    out=out / result,
+                    data=out / folder,
+                    methods=methods,
+                    model=out / "pipeline",
+                    batch_size=8,
+                    precision=args.precision,
+                    title="Restoration comparison",
+                )
+            )
 
     stage("restore + evaluate", all_keys, restore_and_evaluate)
     if s.downstream:
         downstream_methods = s.downstream_methods.replace(
-            "latent-conditional", f"latent-conditional={out / 'pipeline_conditional'}")
-        study_job = DownstreamJob(out=out / "downstream", methods=downstream_methods, model=out / "pipeline",
-                                  quick=args.quick)
+            "latent-conditional", f"latent-conditional={out / 'pipeline_conditional'}"
+        )
+        study_job = DownstreamJob(
+            out=out / "downstream", methods=downstream_methods, model=out / "pipeline", quick=args.quick
+        )
 
         def study() -> None:
             run_downstream(study_job)

@@ -119,35 +119,60 @@ def parse_args(argv: list[str] | None = None) -> DownstreamJob:
     """Command-line arguments as a :class:`DownstreamJob` (sampler settings checked here, before any model loads)."""
     p = argparse.ArgumentParser(prog="python -m experiments.downstream", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--data", default="bundled",
-                   help="'bundled' (offline proxy task) or 'train=DIR,test=DIR[,val=DIR]' (one folder per class)")
+    p.add_argument(
+        "--data",
+        default="bundled",
+        help="'bundled' (offline proxy task) or 'train=DIR,test=DIR[,val=DIR]' (one folder per class)",
+    )
     p.add_argument("--classifier-checkpoint", type=Path, help="evaluate this checkpoint instead of training")
-    p.add_argument("--methods", default="identity,telea,ns",
-                   help="comma list of registered restoration methods; NAME=DIR gives one its own model folder")
+    p.add_argument(
+        "--methods",
+        default="identity,telea,ns",
+        help="comma list of registered restoration methods; NAME=DIR gives one its own model folder",
+    )
     p.add_argument("--model", type=Path, help="pipeline folder for the latent methods")
     p.add_argument("--steps", type=int, help="sampling steps for diffusion methods (default: the pipeline's)")
-    p.add_argument("--sampler", type=Path, metavar="FILE",
-                   help="sampler settings file (experiments/configs/sampler/*.yaml) for the methods with a sampler; "
-                        "--steps and --sampler-set win over it")
-    p.add_argument("--sampler-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="set one SamplerConfig field (YAML value) for the methods with a sampler; repeatable")
+    p.add_argument(
+        "--sampler",
+        type=Path,
+        metavar="FILE",
+        help="sampler settings file (experiments/configs/sampler/*.yaml) for the methods with a sampler; "
+        "--steps and --sampler-set win over it",
+    )
+    p.add_argument(
+        "--sampler-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set one SamplerConfig field (YAML value) for the methods with a sampler; repeatable",
+    )
     p.add_argument("--epochs", type=int, help="training epochs (default 4; 3 with --quick)")
     p.add_argument("--quick", action="store_true", help="tiny run for tests and smoke checks (about a minute)")
-    p.add_argument("--classifier-config", type=Path,
-                   help="model config of the classifier recipe (default experiments/configs/model/classifier_cpu.yaml; "
-                        "classifier_paper.yaml is the paper's densenet121)")
+    p.add_argument(
+        "--classifier-config",
+        type=Path,
+        help="model config of the classifier recipe (default experiments/configs/model/classifier_cpu.yaml; "
+        "classifier_paper.yaml is the paper's densenet121)",
+    )
     p.add_argument("--classifier", help="timm model name (default: the config's, tf_efficientnet_lite0)")
-    p.add_argument("--pretrained", default="auto",
-                   help="'auto' (the config's bundled ImageNet weights for tf_efficientnet_lite0, else none), 'none', "
-                        "'bundled-efficientnet-lite0', a .pth path, or 'true' (timm download: needs network)")
+    p.add_argument(
+        "--pretrained",
+        default="auto",
+        help="'auto' (the config's bundled ImageNet weights for tf_efficientnet_lite0, else none), 'none', "
+        "'bundled-efficientnet-lite0', a .pth path, or 'true' (timm download: needs network)",
+    )
     p.add_argument("--no-stain-norm", action="store_true", help="drop the learnable Lab stain layer")
     p.add_argument("--image-size", type=int, help="classifier input side (default 96 bundled, 224 folders)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, help="AdamW learning rate (default: the config's, 1e-3)")
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default: the config's, 1e-5)")
-    p.add_argument("--artifact-resolution", type=int, default=256,
-                   help="synthesise artifacts on the image resized to this side, then resize back, so artifact sizes "
-                        "match the synthesizer's 256 px design whatever the classifier input size (0: at input size)")
+    p.add_argument(
+        "--artifact-resolution",
+        type=int,
+        default=256,
+        help="synthesise artifacts on the image resized to this side, then resize back, so artifact sizes "
+        "match the synthesizer's 256 px design whatever the classifier input size (0: at input size)",
+    )
     p.add_argument("--max-test", type=int, help="evaluate only the first N test images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -183,8 +208,10 @@ def resolve_sampler(args: DownstreamJob):
         from experiments.restore import has_sampler
 
         if not any(has_sampler(m, model) for m, model in parse_method_specs(args.methods, args.model).items()):
-            raise ValueError(f"--sampler/--sampler-set: none of --methods {args.methods} has a diffusion sampler "
-                             "(a pipeline folder); drop them or add a latent or artifusion method")
+            raise ValueError(
+                f"--sampler/--sampler-set: none of --methods {args.methods} has a diffusion sampler "
+                "(a pipeline folder); drop them or add a latent or artifusion method"
+            )
     return spec, sampler_kwargs(spec, fields)
 
 
@@ -224,16 +251,27 @@ def recipe_args(args: DownstreamJob) -> list[str]:
     roots = data_roots(args)
     model_config = args.classifier_config or CONFIGS / "model" / "classifier_cpu.yaml"
     data_config = CONFIGS / "data" / DATA_CONFIGS["folders" if roots else "bundled"]
-    out = [f"--config={CONFIGS / 'base.yaml'}", f"--config={model_config}", f"--config={data_config}",
-           f"--seed_everything={args.seed}", f"--trainer.default_root_dir={args.out}",
-           f"--trainer.precision={args.precision}", "--trainer.devices=1",
-           f"--trainer.accelerator={'gpu' if args.device.startswith('cuda') else 'cpu'}"]
+    out = [
+        f"--config={CONFIGS / 'base.yaml'}",
+        f"--config={model_config}",
+        f"--config={data_config}",
+        f"--seed_everything={args.seed}",
+        f"--trainer.default_root_dir={args.out}",
+        f"--trainer.precision={args.precision}",
+        "--trainer.devices=1",
+        f"--trainer.accelerator={'gpu' if args.device.startswith('cuda') else 'cpu'}",
+    ]
     if args.wandb:
-        out += [f"--trainer.logger.init_args.save_dir={args.out}", f"--trainer.logger.init_args.name=downstream-"
-                f"{args.out.name}"]
+        out += [
+            f"--trainer.logger.init_args.save_dir={args.out}",
+            f"--trainer.logger.init_args.name=downstream-{args.out.name}",
+        ]
     else:
-        out += ["--trainer.logger=lightning.pytorch.loggers.CSVLogger",
-                f"--trainer.logger.init_args.save_dir={args.out}", "--trainer.logger.init_args.name=logs"]
+        out += [
+            "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+            f"--trainer.logger.init_args.save_dir={args.out}",
+            "--trainer.logger.init_args.name=logs",
+        ]
     epochs = args.epochs or (QUICK["epochs"] if args.quick else None)
     if epochs:
         out.append(f"--trainer.max_epochs={epochs}")
@@ -249,16 +287,23 @@ def recipe_args(args: DownstreamJob) -> list[str]:
     out += [f"{optim}.lr={args.lr}"] if args.lr is not None else []
     out += [f"{optim}.weight_decay={args.weight_decay}"] if args.weight_decay is not None else []
     data = "--data.init_args"
-    out += [f"{data}.batch_size={args.batch_size}", f"{data}.num_workers={args.num_workers}",
-            f"{data}.seed={args.seed}"]
+    out += [
+        f"{data}.batch_size={args.batch_size}",
+        f"{data}.num_workers={args.num_workers}",
+        f"{data}.seed={args.seed}",
+    ]
     size = args.image_size or (QUICK["image_size"] if args.quick and not roots else None)
     if size:
         out.append(f"{data}.image_size={size}")
     if roots:
         classes = folder_classes(Path(roots.get("train", roots["test"])))
-        out += [f"{data}.root_train={roots.get('train', roots['test'])}", f"{data}.root_test={roots['test']}",
-                f"--model.init_args.num_classes={len(classes)}", f"{net}.num_classes={len(classes)}",
-                f"--model.init_args.class_names={json.dumps(classes)}"]
+        out += [
+            f"{data}.root_train={roots.get('train', roots['test'])}",
+            f"{data}.root_test={roots['test']}",
+            f"--model.init_args.num_classes={len(classes)}",
+            f"{net}.num_classes={len(classes)}",
+            f"--model.init_args.class_names={json.dumps(classes)}",
+        ]
         out += [f"{data}.root_val={roots['val']}"] if "val" in roots else []
     elif args.quick:
         out.append(f"{data}.max_per_class={json.dumps(QUICK['caps'])}")
@@ -283,8 +328,10 @@ def build_recipe(args: DownstreamJob):
     cli = cli_main(recipe_args(args), run=False)
     cli.datamodule.setup("fit")
     if cli.model.hparams.num_classes != cli.datamodule.num_classes:
-        raise SystemExit(f"the classifier has {cli.model.hparams.num_classes} classes but the data "
-                         f"{cli.datamodule.num_classes} ({cli.datamodule.class_names}); fix num_classes in the config")
+        raise SystemExit(
+            f"the classifier has {cli.model.hparams.num_classes} classes but the data "
+            f"{cli.datamodule.num_classes} ({cli.datamodule.class_names}); fix num_classes in the config"
+        )
     return cli
 
 
@@ -332,8 +379,9 @@ def macro_f1(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> float:
     present = np.union1d(labels, preds)
     if not len(present):
         return float("nan")
-    per_class = multiclass_f1_score(torch.from_numpy(preds), torch.from_numpy(labels), num_classes, average="none",
-                                   validate_args=False)
+    per_class = multiclass_f1_score(
+        torch.from_numpy(preds), torch.from_numpy(labels), num_classes, average="none", validate_args=False
+    )
     return float(per_class[torch.from_numpy(present)].mean())
 
 
@@ -342,8 +390,9 @@ def confusion(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> np.nda
     from torchmetrics.functional.classification import multiclass_confusion_matrix
 
     labels, preds = np.asarray(labels, np.int64), np.asarray(preds, np.int64)
-    return multiclass_confusion_matrix(torch.from_numpy(preds), torch.from_numpy(labels), num_classes,
-                                       validate_args=False).numpy()
+    return multiclass_confusion_matrix(
+        torch.from_numpy(preds), torch.from_numpy(labels), num_classes, validate_args=False
+    ).numpy()
 
 
 def condition_metrics(labels: np.ndarray, preds: np.ndarray, num_classes: int, *, n_boot: int, seed: int) -> dict:
@@ -355,10 +404,13 @@ def condition_metrics(labels: np.ndarray, preds: np.ndarray, num_classes: int, *
     acc, lo, hi, n = bootstrap_ci(correct, n_boot=n_boot, seed=seed)
     rng = np.random.default_rng(seed)
     f1s = [macro_f1(labels[idx], preds[idx], num_classes) for idx in rng.integers(0, n, size=(n_boot, n))] if n else []
-    f1_lo, f1_hi = (np.nanquantile(f1s, [0.025, 0.975]).tolist() if n > 1 else [float("nan")] * 2)
+    f1_lo, f1_hi = np.nanquantile(f1s, [0.025, 0.975]).tolist() if n > 1 else [float("nan")] * 2
     return {
-        "accuracy": acc, "macro_f1": macro_f1(labels, preds, num_classes) if n else float("nan"), "ci95": [lo, hi],
-        "macro_f1_ci95": [float(f1_lo), float(f1_hi)], "n": n,
+        "accuracy": acc,
+        "macro_f1": macro_f1(labels, preds, num_classes) if n else float("nan"),
+        "ci95": [lo, hi],
+        "macro_f1_ci95": [float(f1_lo), float(f1_hi)],
+        "n": n,
         "confusion_matrix": confusion(labels, preds, num_classes).tolist() if n else [],
     }
 
@@ -415,8 +467,9 @@ def to_input_size(restored: torch.Tensor, corrupted: torch.Tensor, mask: torch.T
     size = corrupted.shape[-1]
     if restored.shape[-1] != size:
         interp = cv2.INTER_AREA if restored.shape[-1] > size else cv2.INTER_LINEAR
-        restored = torch.stack([to_tensor(cv2.resize(img, (size, size), interpolation=interp))
-                                for img in to_uint8(restored)])
+        restored = torch.stack(
+            [to_tensor(cv2.resize(img, (size, size), interpolation=interp)) for img in to_uint8(restored)]
+        )
     return torch.where(mask.bool(), restored.float().clamp(-1, 1), corrupted.float())
 
 
@@ -439,8 +492,9 @@ def _restore_batch(restorer, corrupted: torch.Tensor, mask: torch.Tensor, names:
 
 
 @torch.no_grad()
-def evaluate(module, dataset, restorers: dict, *, args: DownstreamJob, sampler_kwargs: dict | None = None
-             ) -> dict[str, Any]:
+def evaluate(
+    module, dataset, restorers: dict, *, args: DownstreamJob, sampler_kwargs: dict | None = None
+) -> dict[str, Any]:
     """Predictions for clean, artifact and restored versions of every test image (streamed in batches)."""
     from tqdm.auto import tqdm
 
@@ -467,8 +521,9 @@ def evaluate(module, dataset, restorers: dict, *, args: DownstreamJob, sampler_k
         clean, corrupted, masks, batch_labels, batch_names, big, big_masks = [], [], [], [], [], [], []
         for i in idx:
             image, label, meta = dataset.read(i)
-            bad, mask, bad_big, mask_big = synthesize_at(image, synthesizer, sample_rng(args.seed, "test", i),
-                                                         args.artifact_resolution)
+            bad, mask, bad_big, mask_big = synthesize_at(
+                image, synthesizer, sample_rng(args.seed, "test", i), args.artifact_resolution
+            )
             clean.append(to_tensor(image))
             corrupted.append(to_tensor(bad))
             masks.append(to_mask_tensor(mask))
@@ -489,8 +544,9 @@ def evaluate(module, dataset, restorers: dict, *, args: DownstreamJob, sampler_k
             generator = torch.Generator(device="cpu").manual_seed(args.seed * 100003 + start)
             extra = dict(sampler_kwargs or {}) if takes_sampler(restorer) else {}
             # restorers run at the synthesis resolution (their models' tile size), the classifier at its input size
-            outs, fails = _restore_batch(restorer, big_t.to(device), big_mask_t.to(device), batch_names, generator,
-                                         **extra)
+            outs, fails = _restore_batch(
+                restorer, big_t.to(device), big_mask_t.to(device), batch_names, generator, **extra
+            )
             failures += fails
             ok = [i for i, o in enumerate(outs) if o is not None]
             if ok:
@@ -499,8 +555,15 @@ def evaluate(module, dataset, restorers: dict, *, args: DownstreamJob, sampler_k
                 restored[method]["labels"] += [batch_labels[i] for i in ok]
                 if start == 0 and len(ok) == len(outs):
                     examples[method] = batch[:4].cpu()
-    return {"labels": labels, "names": names, "preds": preds, "restored": restored, "failures": failures,
-            "coverage": coverage, "examples": examples}
+    return {
+        "labels": labels,
+        "names": names,
+        "preds": preds,
+        "restored": restored,
+        "failures": failures,
+        "coverage": coverage,
+        "examples": examples,
+    }
 
 
 # --------------------------------------------------------------------------------------------------------- outputs
@@ -525,8 +588,15 @@ def plot_confusion(cm: list[list[int]], class_names: list[str], title: str, path
     top = cm.max() if cm.size else 0
     for r in range(k):
         for c in range(k):
-            ax.text(c, r, str(cm[r, c]), ha="center", va="center", fontsize=7,
-                    color="white" if top and cm[r, c] > top / 2 else "black")
+            ax.text(
+                c,
+                r,
+                str(cm[r, c]),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if top and cm[r, c] > top / 2 else "black",
+            )
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -643,11 +713,18 @@ def run(args: DownstreamJob) -> dict[str, Any]:
             "failures": raw["failures"],
             "n_boot": args.n_boot,
             "eval_seconds": eval_seconds,
-            "config": {"data": args.data, "classifier": cli.model.hparams.net_spec.get("name")
-                       if cli.model.hparams.net_spec else args.classifier, "recipe": recipe_args(args),
-                       "pretrained": str(cli.model.hparams.net_spec.get("pretrained")) if cli.model.hparams.net_spec
-                       else None, "stain_norm": not args.no_stain_norm, "image_size": dm.image_size, "methods": methods,
-                       "quick": args.quick, "seed": args.seed, "sampler_file": sampler},
+            "config": {
+                "data": args.data,
+                "classifier": cli.model.hparams.net_spec.get("name") if cli.model.hparams.net_spec else args.classifier,
+                "recipe": recipe_args(args),
+                "pretrained": str(cli.model.hparams.net_spec.get("pretrained")) if cli.model.hparams.net_spec else None,
+                "stain_norm": not args.no_stain_norm,
+                "image_size": dm.image_size,
+                "methods": methods,
+                "quick": args.quick,
+                "seed": args.seed,
+                "sampler_file": sampler,
+            },
             "figures": [],
         }
         conditions = [("clean", result["clean"]), ("artifact", result["artifact"])]
@@ -680,20 +757,30 @@ def _sampler_config(args: DownstreamJob, restorers: dict, spec, sampler_kwargs: 
     applied = [m for m, r in restorers.items() if takes_sampler(r)]
     if args.sampler is not None or args.sampler_set:
         others = [m for m in restorers if m not in applied]
-        log.info("sampler settings %s apply to %s%s", args.sampler or "from --sampler-set", ", ".join(applied),
-                 f"; not to {', '.join(others)} (no sampler)" if others else "")
+        log.info(
+            "sampler settings %s apply to %s%s",
+            args.sampler or "from --sampler-set",
+            ", ".join(applied),
+            f"; not to {', '.join(others)} (no sampler)" if others else "",
+        )
     return {**sampler_record(args.sampler, spec, sampler_kwargs), "applied_to": applied}
 
 
 def _log_wandb(logger, result: dict, out: Path) -> None:
     import wandb
 
-    rows = [["clean", result["clean"]["accuracy"], result["clean"]["macro_f1"], result["clean"]["n"]],
-            ["artifact", result["artifact"]["accuracy"], result["artifact"]["macro_f1"], result["artifact"]["n"]]]
+    rows = [
+        ["clean", result["clean"]["accuracy"], result["clean"]["macro_f1"], result["clean"]["n"]],
+        ["artifact", result["artifact"]["accuracy"], result["artifact"]["macro_f1"], result["artifact"]["n"]],
+    ]
     rows += [[f"restored/{m}", v["accuracy"], v["macro_f1"], v["n"]] for m, v in result["restored"].items()]
     run = logger.experiment
-    run.log({"downstream/table": wandb.Table(columns=["condition", "accuracy", "macro_f1", "n"], data=rows),
-             **{f"downstream/{fig}": wandb.Image(str(out / fig)) for fig in result["figures"]}})
+    run.log(
+        {
+            "downstream/table": wandb.Table(columns=["condition", "accuracy", "macro_f1", "n"], data=rows),
+            **{f"downstream/{fig}": wandb.Image(str(out / fig)) for fig in result["figures"]},
+        }
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -702,8 +789,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     result = run(args)
     rows = {"clean": result["clean"], "artifact": result["artifact"], **result["restored"]}
-    summary = ", ".join(f"{k} {'n/a' if v['accuracy'] is None else format(v['accuracy'], '.3f')}"
-                        for k, v in rows.items())
+    summary = ", ".join(
+        f"{k} {'n/a' if v['accuracy'] is None else format(v['accuracy'], '.3f')}" for k, v in rows.items()
+    )
     log.info("accuracy on %d test images: %s; wrote %s", result["n_test"], summary, args.out / "downstream.json")
     return 0
 

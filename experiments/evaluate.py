@@ -119,16 +119,28 @@ def parse_args(argv: list[str] | None = None) -> EvaluateJob:
     p.add_argument("--masks", type=Path, help="folder of masks (score mode)")
     p.add_argument("--restored", nargs="+", default=[], metavar="NAME=DIR", help="restored folders (score mode)")
     p.add_argument("--data", type=Path, help="evaluation set with clean/, corrupted/, masks/ (run mode)")
-    p.add_argument("--methods", default="",
-                   help="comma list of registered methods to run on --data; NAME=DIR gives a method its own model "
-                        "folder, e.g. identity,telea,latent,artifusion=runs/af/pipeline,cyclegan=runs/cg/generator")
+    p.add_argument(
+        "--methods",
+        default="",
+        help="comma list of registered methods to run on --data; NAME=DIR gives a method its own model "
+        "folder, e.g. identity,telea,latent,artifusion=runs/af/pipeline,cyclegan=runs/cg/generator",
+    )
     p.add_argument("--model", type=Path, help="model folder for methods listed without =DIR (the latent pipeline)")
     p.add_argument("--steps", type=int, help="sampling steps for diffusion methods, >= 1")
-    p.add_argument("--sampler", type=Path, metavar="FILE",
-                   help="sampler settings file (experiments/configs/sampler/*.yaml) for every method with a sampler; "
-                        "--steps and --sampler-set win over it")
-    p.add_argument("--sampler-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="set one SamplerConfig field (YAML value) for every method with a sampler; repeatable")
+    p.add_argument(
+        "--sampler",
+        type=Path,
+        metavar="FILE",
+        help="sampler settings file (experiments/configs/sampler/*.yaml) for every method with a sampler; "
+        "--steps and --sampler-set win over it",
+    )
+    p.add_argument(
+        "--sampler-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set one SamplerConfig field (YAML value) for every method with a sampler; repeatable",
+    )
     p.add_argument("--batch-size", type=int, default=4, help="tiles per model call, >= 1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -137,8 +149,11 @@ def parse_args(argv: list[str] | None = None) -> EvaluateJob:
     p.add_argument("--paper-compatible", action="store_true", help="also write the authors' data-range variants")
     p.add_argument("--wandb", action="store_true", help="log a table and the grid to wandb (offline by default)")
     p.add_argument("--title", default="Restoration comparison")
-    p.add_argument("--references", default="identity,telea",
-                   help="methods every other method is paired against (those present among the methods)")
+    p.add_argument(
+        "--references",
+        default="identity,telea",
+        help="methods every other method is paired against (those present among the methods)",
+    )
     p.add_argument("--no-kid", action="store_true", help="skip the KID realism score (needs the offline weights)")
     p.add_argument("--force", action="store_true", help="redo the restored outputs of --data runs already in --out")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors (or LAF_DEBUG=1)")
@@ -157,8 +172,10 @@ def validate_args(args: EvaluateJob) -> tuple[dict, dict]:
         check_input_folder(args.data, "--data")
         lacking = [sub for sub in ("clean", "corrupted", "masks") if not (args.data / sub).is_dir()]
         if lacking:
-            raise CLIError(f"--data {args.data} has no {', '.join(f'{sub}/' for sub in lacking)}; pass an evaluation "
-                           "set with clean/, corrupted/ and masks/ (python -m datamodules.synthesize writes one)")
+            raise CLIError(
+                f"--data {args.data} has no {', '.join(f'{sub}/' for sub in lacking)}; pass an evaluation "
+                "set with clean/, corrupted/ and masks/ (python -m datamodules.synthesize writes one)"
+            )
         try:
             methods = parse_method_specs(args.methods, args.model)
         except ValueError as err:
@@ -177,8 +194,9 @@ def validate_args(args: EvaluateJob) -> tuple[dict, dict]:
         check_sampler_args(args, methods)
     else:
         if args.sampler is not None or args.sampler_set:
-            raise CLIError("--sampler and --sampler-set are for run mode (--data/--methods); score mode only reads "
-                           "folders")
+            raise CLIError(
+                "--sampler and --sampler-set are for run mode (--data/--methods); score mode only reads folders"
+            )
         if args.clean is None or args.masks is None or not args.restored:
             raise CLIError("score mode needs --clean, --masks and --restored NAME=DIR (or use --data/--methods)")
         check_input_folder(args.clean, "--clean")
@@ -188,8 +206,9 @@ def validate_args(args: EvaluateJob) -> tuple[dict, dict]:
             if not sep or not name or not folder:
                 raise CLIError(f"--restored expects NAME=DIR, got {item!r}")
             if name in restored and restored[name] != Path(folder):
-                raise CLIError(f"--restored names {name!r} twice ({restored[name]} and {folder}); give each folder "
-                               "its own name")
+                raise CLIError(
+                    f"--restored names {name!r} twice ({restored[name]} and {folder}); give each folder its own name"
+                )
             if name in restored:
                 log.warning("--restored %s=%s is given twice; scoring it once", name, folder)
             restored[name] = check_input_folder(Path(folder), f"--restored {name}=")
@@ -216,11 +235,17 @@ def check_sampler_args(args: EvaluateJob, methods: dict) -> None:
         raise CLIError(str(err)) from None
     applied = sampler_methods(methods)
     if not applied:
-        raise CLIError(f"--sampler/--sampler-set: none of --methods {args.methods} has a diffusion sampler (a "
-                       "pipeline folder); drop them or add a latent or artifusion method")
+        raise CLIError(
+            f"--sampler/--sampler-set: none of --methods {args.methods} has a diffusion sampler (a "
+            "pipeline folder); drop them or add a latent or artifusion method"
+        )
     others = [m for m in methods if m not in applied]
-    log.warning("sampler settings %s apply to %s%s", args.sampler or "from --sampler-set", ", ".join(applied),
-                f"; not to {', '.join(others)} (no sampler)" if others else "")
+    log.warning(
+        "sampler settings %s apply to %s%s",
+        args.sampler or "from --sampler-set",
+        ", ".join(applied),
+        f"; not to {', '.join(others)} (no sampler)" if others else "",
+    )
 
 
 def run_methods(args: EvaluateJob) -> tuple[dict[str, Path], dict[str, dict]]:
@@ -233,12 +258,23 @@ def run_methods(args: EvaluateJob) -> tuple[dict[str, Path], dict[str, dict]]:
     for method, model in methods.items():
         out = args.out / "restored" / method
         sampled = method in with_sampler
-        job = RestoreJob(images=args.data / "corrupted", masks=args.data / "masks", out=out, method=method,
-                         model=model, steps=args.steps if sampled else None,
-                         sampler=args.sampler if sampled else None,
-                         sampler_set=list(args.sampler_set) if sampled else [], batch_size=args.batch_size,
-                         seed=args.seed, device=args.device, precision=args.precision,
-                         mask_convention=args.mask_convention, force=args.force, debug=args.debug)
+        job = RestoreJob(
+            images=args.data / "corrupted",
+            masks=args.data / "masks",
+            out=out,
+            method=method,
+            model=model,
+            steps=args.steps if sampled else None,
+            sampler=args.sampler if sampled else None,
+            sampler_set=list(args.sampler_set) if sampled else [],
+            batch_size=args.batch_size,
+            seed=args.seed,
+            device=args.device,
+            precision=args.precision,
+            mask_convention=args.mask_convention,
+            force=args.force,
+            debug=args.debug,
+        )
         stats = restore_folder(job)
         folders[method] = out
         if stats["done"] + stats["resumed"] == 0:
@@ -290,8 +326,9 @@ def evaluate(args: EvaluateJob) -> dict:
     except ValueError as err:
         raise CLIError(str(err)) from None
     if not names:
-        raise CLIError(f"nothing to score: no image in {clean} has a mask with the same relative path in {masks}",
-                       code=1)
+        raise CLIError(
+            f"nothing to score: no image in {clean} has a mask with the same relative path in {masks}", code=1
+        )
     rows = []
     tmp_csv = args.out / "metrics.csv.tmp"
     with tmp_csv.open("w", newline="") as fh:
@@ -299,25 +336,39 @@ def evaluate(args: EvaluateJob) -> dict:
         writer.writeheader()
         modes = ("standard", "paper") if args.paper_compatible else ("standard",)
         for mode in modes:
-            for row in iter_scores(clean, masks, restored, names=names, batch_size=8, mode=mode,
-                                   mask_convention=args.mask_convention, skipped=skipped if mode == "standard" else []):
+            for row in iter_scores(
+                clean,
+                masks,
+                restored,
+                names=names,
+                batch_size=8,
+                mode=mode,
+                mask_convention=args.mask_convention,
+                skipped=skipped if mode == "standard" else [],
+            ):
                 writer.writerow(row)
                 rows.append(row)
     scored = {m: len({r["image"] for r in rows if r["method"] == m}) for m in restored}
     _print_skipped(skipped)
     if not rows:
         tmp_csv.unlink()
-        raise CLIError(f"nothing scored: none of the {len(names)} images could be scored for any method (reasons "
-                       "above)", code=1)
+        raise CLIError(
+            f"nothing scored: none of the {len(names)} images could be scored for any method (reasons above)", code=1
+        )
     os.replace(tmp_csv, args.out / "metrics.csv")
 
     methods = list(restored)
     references = [r.strip() for r in args.references.split(",") if r.strip() in methods]
     summary = summarize(rows, methods, seed=args.seed, references=references)
-    summary.update({"timings": timings, "sampler_file": sampler_summary(args, timings),
-                    "skipped": [{"file": f, "reason": r} for f, r in skipped],
-                    "images": len(names),
-                    "mode": "standard" + (" + paper-compatible" if args.paper_compatible else "")})
+    summary.update(
+        {
+            "timings": timings,
+            "sampler_file": sampler_summary(args, timings),
+            "skipped": [{"file": f, "reason": r} for f, r in skipped],
+            "images": len(names),
+            "mode": "standard" + (" + paper-compatible" if args.paper_compatible else ""),
+        }
+    )
     manifest = (args.data / "manifest.json") if args.data is not None else args.clean.parent / "manifest.json"
     types_by_image: dict[str, list[str]] = {}
     if manifest.is_file():
@@ -326,23 +377,37 @@ def evaluate(args: EvaluateJob) -> dict:
         types_by_image = {k: it.get("types", []) for k, it in keys.items() if k in names}
         summary["by_type_markdown"] = by_artifact_type(rows, types_by_image, methods)
         summary["type_tables_markdown"], summary["by_type"] = type_tables(
-            rows, types_by_image, methods, references=references, seed=args.seed)
+            rows, types_by_image, methods, references=references, seed=args.seed
+        )
     if not args.no_kid:
-        summary["realism"] = realism_scores(clean, masks, restored, names, types_by_image,
-                                            mask_convention=args.mask_convention)
+        summary["realism"] = realism_scores(
+            clean, masks, restored, names, types_by_image, mask_convention=args.mask_convention
+        )
     write_json_atomic(args.out / "summary.json", summary)
-    shown = comparison_grid(args.out / "grid.png", clean=clean, masks=masks, corrupted=corrupted, restored=restored,
-                            rows=rows, mask_convention=args.mask_convention)
+    shown = comparison_grid(
+        args.out / "grid.png",
+        clean=clean,
+        masks=masks,
+        corrupted=corrupted,
+        restored=restored,
+        rows=rows,
+        mask_convention=args.mask_convention,
+    )
     (args.out / "report.md").write_text(render_report(args.title, summary, shown))
     if args.wandb:
         log_to_wandb(args.out, rows, summary)
     counts = ", ".join(f"{m} {n}/{len(names)}" for m, n in scored.items())
-    print(f"scored {max(scored.values())} of {len(names)} images x {len(methods)} methods ({counts}) -> "
-          f"{args.out / 'report.md'}")
+    print(
+        f"scored {max(scored.values())} of {len(names)} images x {len(methods)} methods ({counts}) -> "
+        f"{args.out / 'report.md'}"
+    )
     empty = [m for m, n in scored.items() if n == 0]
     if empty:
-        raise CLIError(f"method(s) {', '.join(empty)} scored none of the {len(names)} images (reasons above); the "
-                       "report covers the others", code=1)
+        raise CLIError(
+            f"method(s) {', '.join(empty)} scored none of the {len(names)} images (reasons above); the "
+            "report covers the others",
+            code=1,
+        )
     return summary
 
 
@@ -352,13 +417,24 @@ def sampler_summary(args: EvaluateJob, timings: dict[str, dict]) -> dict | None:
         return None
     records = {m: t["sampler_file"] for m, t in timings.items() if t.get("sampler_file")}
     spec = next((r["spec"] for r in records.values()), None)
-    return {"file": None if args.sampler is None else str(args.sampler), "spec": spec,
-            "set": parse_sampler_sets(args.sampler_set), "applied_to": list(records),
-            "overrides": {m: r["overrides"] for m, r in records.items()}}
+    return {
+        "file": None if args.sampler is None else str(args.sampler),
+        "spec": spec,
+        "set": parse_sampler_sets(args.sampler_set),
+        "applied_to": list(records),
+        "overrides": {m: r["overrides"] for m, r in records.items()},
+    }
 
 
-def realism_scores(clean: Path, masks: Path, restored: dict[str, Path], names: list[str],
-                   types_by_image: dict[str, list[str]], *, mask_convention: str = "artifact") -> dict:
+def realism_scores(
+    clean: Path,
+    masks: Path,
+    restored: dict[str, Path],
+    names: list[str],
+    types_by_image: dict[str, list[str]],
+    *,
+    mask_convention: str = "artifact",
+) -> dict:
     """KID of each method's restored artifact patches against the clean patches at the same places.
 
     Overall and per artifact group (``metrics/realism.py``: semi-transparent vs occluding tiles, from the manifest).
@@ -391,8 +467,9 @@ def realism_scores(clean: Path, masks: Path, restored: dict[str, Path], names: l
             for name in members:
                 try:
                     target = read_image(clean_index[name])
-                    mask = to_mask_tensor(read_mask(mask_index[name], convention=mask_convention,
-                                                    shape=target.shape[:2]))[None]
+                    mask = to_mask_tensor(
+                        read_mask(mask_index[name], convention=mask_convention, shape=target.shape[:2])
+                    )[None]
                     pred = to_tensor(read_image(restored_index[name]))[None]
                 except (ImageReadError, ValueError, KeyError):
                     continue  # already reported as skipped by the scoring pass
@@ -411,18 +488,28 @@ def realism_markdown(realism: dict) -> str:
     if not realism:
         return ""
     groups = sorted({g for scores in realism.values() for g in scores}, key=lambda g: (g != "all", g))
-    lines = ["#### realism: KID x 1000 of restored artifact patches vs clean tissue (lower is better)", "",
-             "| method | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]
+    lines = [
+        "#### realism: KID x 1000 of restored artifact patches vs clean tissue (lower is better)",
+        "",
+        "| method | " + " | ".join(groups) + " |",
+        "|---|" + "---|" * len(groups),
+    ]
     for method, scores in realism.items():
         cells = []
         for g in groups:
             e = scores.get(g)
-            cells.append("n/a" if not e or math.isnan(e["kid"]) else
-                         f"{1000 * e['kid']:.2f} ± {1000 * e['kid_std']:.2f} ({e['patches']} patches)")
+            cells.append(
+                "n/a"
+                if not e or math.isnan(e["kid"])
+                else f"{1000 * e['kid']:.2f} ± {1000 * e['kid_std']:.2f} ({e['patches']} patches)"
+            )
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += ["", "64 px patches whose artifact share is at least 25 %, against the clean patches at the same places; "
-              "features: pooled ImageNet EfficientNet-Lite0 pre-logits (no Inception weights offline). PSNR rewards "
-              "blurry fills on occluding artifacts; KID rewards plausible tissue. Compare within this table only."]
+    lines += [
+        "",
+        "64 px patches whose artifact share is at least 25 %, against the clean patches at the same places; "
+        "features: pooled ImageNet EfficientNet-Lite0 pre-logits (no Inception weights offline). PSNR rewards "
+        "blurry fills on occluding artifacts; KID rewards plausible tissue. Compare within this table only.",
+    ]
     return "\n".join(lines)
 
 
@@ -439,8 +526,13 @@ def _print_skipped(skipped: list[tuple[str, str]], limit: int = 30) -> None:
 
 def render_report(title: str, summary: dict, shown: list[str]) -> str:
     """The markdown report: per-type tables, the paired verdict, tables per region, realism, timings, the grid."""
-    lines = [f"# {title}", "", f"{summary['images']} images, methods: {', '.join(summary['methods'])}. "
-             "Standard metrics on the 0-255 scale (data range 255); L2 = per-image sum of squared errors.", ""]
+    lines = [
+        f"# {title}",
+        "",
+        f"{summary['images']} images, methods: {', '.join(summary['methods'])}. "
+        "Standard metrics on the 0-255 scale (data range 255); L2 = per-image sum of squared errors.",
+        "",
+    ]
     refs = summary.get("references") or []
     verdicts = [verdict_table(summary, m, refs) for m in summary["methods"] if m not in refs]
     verdicts = [v for v in verdicts if v]
@@ -456,8 +548,13 @@ def render_report(title: str, summary: dict, shown: list[str]) -> str:
     if summary.get("by_type_markdown"):
         lines += ["", summary["by_type_markdown"]]
     if summary.get("timings"):
-        lines += ["", "#### speed", "", "| method | s / tile | NFE / tile | device | precision | batch |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "#### speed",
+            "",
+            "| method | s / tile | NFE / tile | device | precision | batch |",
+            "|---|---|---|---|---|---|",
+        ]
         for m, t in summary["timings"].items():
             spt = "n/a" if t["seconds_per_tile"] is None else f"{t['seconds_per_tile']:.3f}"
             lines.append(
@@ -475,12 +572,20 @@ def log_to_wandb(out: Path, rows: list[dict], summary: dict) -> None:
     """Log the long-form table, the summary means and the grid to a wandb run (offline unless configured)."""
     import wandb
 
-    run = wandb.init(project=os.environ.get("WANDB_PROJECT", "latent-artifusion"), job_type="evaluate",
-                     mode=os.environ.get("WANDB_MODE", "offline"), dir=str(out))
+    run = wandb.init(
+        project=os.environ.get("WANDB_PROJECT", "latent-artifusion"),
+        job_type="evaluate",
+        mode=os.environ.get("WANDB_MODE", "offline"),
+        dir=str(out),
+    )
     try:
         run.log({"evaluate/metrics": wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows])})
-        flat = {f"evaluate/{m}/{reg}/{met}": e["mean"] for m, regs in summary["metrics"].items()
-                for reg, mets in regs.items() for met, e in mets.items()}
+        flat = {
+            f"evaluate/{m}/{reg}/{met}": e["mean"]
+            for m, regs in summary["metrics"].items()
+            for reg, mets in regs.items()
+            for met, e in mets.items()
+        }
         run.log(flat)
         if (out / "grid.png").exists():
             run.log({"evaluate/grid": wandb.Image(str(out / "grid.png"))})

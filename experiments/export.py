@@ -71,10 +71,16 @@ def parse_args(argv: list[str] | None = None) -> ExportJob:
     p.add_argument("kind", choices=KINDS)
     p.add_argument("--ckpt", type=Path, required=True, help="Lightning checkpoint written by experiments.train")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--steps", type=int, help="default sampling steps stored in the pipeline (latent/artifusion: 50, "
-                   "conditional: the measured default)")
-    p.add_argument("--decode", choices=("full", "delta", "od-delta", "adaptive"),
-                   help="how sampled latents become pixels (latent: full, conditional: the measured default)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        help="default sampling steps stored in the pipeline (latent/artifusion: 50, conditional: the measured default)",
+    )
+    p.add_argument(
+        "--decode",
+        choices=("full", "delta", "od-delta", "adaptive"),
+        help="how sampled latents become pixels (latent: full, conditional: the measured default)",
+    )
     p.add_argument("--feather", type=int, default=2, help="paste-back seam width in pixels (into the artifact)")
     p.add_argument("--scheduler", default="ddim", choices=("ddpm", "ddim", "dpmsolver++"))
     p.add_argument("--image-size", type=int, default=256)
@@ -101,8 +107,14 @@ def export(args: ExportJob) -> Path:
         from lightning_modules.autoencoder_module import AutoencoderModule
 
         module = AutoencoderModule.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=False)
-        dm = CleanTileDataModule(sources=args.sources, tile_size=args.image_size, stride=args.image_size,
-                                 augment=False, num_workers=0, max_tiles={"val": args.scale_tiles})
+        dm = CleanTileDataModule(
+            sources=args.sources,
+            tile_size=args.image_size,
+            stride=args.image_size,
+            augment=False,
+            num_workers=0,
+            max_tiles={"val": args.scale_tiles},
+        )
         val = dm.make_dataset("val")
         images = torch.stack([val[i]["clean"] for i in range(len(val))])
         return Path(module.export(args.out, images=images))
@@ -113,8 +125,13 @@ def export(args: ExportJob) -> Path:
         cls = ConditionalLatentDiffusionModule if args.kind == "conditional" else LatentDiffusionModule
         module = cls.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=False)
         try:
-            return module.export(args.out, sampler=sampler, image_size=args.image_size,
-                                 scheduler_name=args.scheduler, extra={"checkpoint": str(args.ckpt)})
+            return module.export(
+                args.out,
+                sampler=sampler,
+                image_size=args.image_size,
+                scheduler_name=args.scheduler,
+                extra={"checkpoint": str(args.ckpt)},
+            )
         except ValueError as err:
             raise SystemExit(f"{args.ckpt}: {err}") from err
     if args.kind == "artifusion":
@@ -127,8 +144,10 @@ def export(args: ExportJob) -> Path:
         from lightning_modules.refiner_module import RefinerModule
 
         if not (args.out / "pipeline.json").is_file():
-            raise SystemExit(f"{args.out} is not a pipeline folder (no pipeline.json); the refiner is added to the "
-                             "exported latent-conditional pipeline it was trained on")
+            raise SystemExit(
+                f"{args.out} is not a pipeline folder (no pipeline.json); the refiner is added to the "
+                "exported latent-conditional pipeline it was trained on"
+            )
         module = RefinerModule.load_for_export(args.ckpt)
         return attach_refiner(args.out, module.net, {"checkpoint": str(args.ckpt)})
     if args.kind == "segmenter":

@@ -29,6 +29,8 @@ def from_namespace(cls: type[T], ns: argparse.Namespace, **converted: object) ->
     names = {f.name for f in fields(cls)}
     given = set(vars(ns))
     if names != given:
-        raise TypeError(f"{cls.__name__} fields and the command's flags disagree: only fields "
-                        f"{sorted(names - given)}, only flags {sorted(given - names)}")
+        raise TypeError(
+            f"{cls.__name__} fields and the command's flags disagree: only fields "
+            f"{sorted(names - given)}, only flags {sorted(given - names)}"
+        )
     return cls(**{**vars(ns), **converted})

@@ -34,19 +34,24 @@ METHODS = ("latent", "latent-conditional", "artifusion")
 def _train_args(method: str, demo: Path, settings, budgets: list[float], snapshots: Path) -> list[str]:
     from experiments import demo as demo_module
 
-    builders = {"latent": (demo_module.latent_args, demo_module.latent_sampler),
-                "latent-conditional": (demo_module.conditional_args, demo_module.conditional_sampler),
-                "artifusion": (demo_module.artifusion_args, demo_module.artifusion_sampler)}
+    builders = {
+        "latent": (demo_module.latent_args, demo_module.latent_sampler),
+        "latent-conditional": (demo_module.conditional_args, demo_module.conditional_sampler),
+        "artifusion": (demo_module.artifusion_args, demo_module.artifusion_sampler),
+    }
     args_of, sampler_of = builders[method]
     args = args_of(demo, settings)
     # redirect the run (checkpoints, wandb, caches stay shared with the demo), train until the last budget
     args = [a for a in args if not a.startswith(("--trainer.default_root_dir", "--trainer.logger.init_args.name"))]
     sampler = json.dumps(sampler_of(settings).to_dict())
     return args + [
-        f"--trainer.default_root_dir={snapshots / 'run'}", f"--trainer.logger.init_args.name=curve-{method}",
-        "--trainer.max_steps=-1", f"--trainer.max_time={{seconds: {int(10 * budgets[-1])}}}",
+        f"--trainer.default_root_dir={snapshots / 'run'}",
+        f"--trainer.logger.init_args.name=curve-{method}",
+        "--trainer.max_steps=-1",
+        f"--trainer.max_time={{seconds: {int(10 * budgets[-1])}}}",
         "--trainer.callbacks+=lightning_modules.callbacks.snapshots.TimedSnapshots",
-        f"--trainer.callbacks.budgets={json.dumps(budgets)}", f"--trainer.callbacks.out={snapshots}",
+        f"--trainer.callbacks.budgets={json.dumps(budgets)}",
+        f"--trainer.callbacks.out={snapshots}",
         f"--trainer.callbacks.sampler={sampler}",
     ]
 
@@ -71,8 +76,9 @@ def train_snapshots(method: str, demo: Path, budgets: list[float], out: Path, *,
     return done
 
 
-def evaluate_snapshots(method: str, snapshots: list[dict], evalset: Path, out: Path, *, tiles: int | None,
-                       precision: str) -> list[dict]:
+def evaluate_snapshots(
+    method: str, snapshots: list[dict], evalset: Path, out: Path, *, tiles: int | None, precision: str
+) -> list[dict]:
     """Restore and score the evaluation tiles with every snapshot; adds artifact PSNR/SSIM to each record."""
     from experiments.evaluate import EvaluateJob, evaluate
 
@@ -85,8 +91,17 @@ def evaluate_snapshots(method: str, snapshots: list[dict], evalset: Path, out: P
     for snap in snapshots:
         result = out / method / f"eval_t{int(snap['budget_s']):05d}s"
         if not (result / "summary.json").is_file():
-            evaluate(EvaluateJob(out=result, data=data, methods=f"{method}={snap['path']}", batch_size=8,
-                                 precision=precision, no_kid=True, references=""))
+            evaluate(
+                EvaluateJob(
+                    out=result,
+                    data=data,
+                    methods=f"{method}={snap['path']}",
+                    batch_size=8,
+                    precision=precision,
+                    no_kid=True,
+                    references="",
+                )
+            )
         summary = json.loads((result / "summary.json").read_text())
         artifact = summary["metrics"][method]["artifact"]
         rows.append({**snap, "method": method, "psnr": artifact["psnr"], "ssim": artifact["ssim"]})
@@ -109,9 +124,13 @@ def _subset(evalset: Path, target: Path, tiles: int) -> None:
 
 def markdown(rows: list[dict], budgets: list[float], machine: str) -> str:
     """Table: method x budget, artifact-region PSNR and SSIM with 95 % intervals."""
-    lines = [f"Machine: {machine}. Training wall-clock per method (validation and exports excluded); the artifact "
-             "region of the evaluation tiles; 95 % bootstrap intervals over tiles.", "",
-             "| method | " + " | ".join(f"{b / 60:g} min" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
+    lines = [
+        f"Machine: {machine}. Training wall-clock per method (validation and exports excluded); the artifact "
+        "region of the evaluation tiles; 95 % bootstrap intervals over tiles.",
+        "",
+        "| method | " + " | ".join(f"{b / 60:g} min" for b in budgets) + " |",
+        "|---|" + "---|" * len(budgets),
+    ]
     for method in dict.fromkeys(r["method"] for r in rows):
         cells = []
         for b in budgets:
@@ -120,8 +139,10 @@ def markdown(rows: list[dict], budgets: list[float], machine: str) -> str:
                 cells.append("n/a")
                 continue
             p, s = r["psnr"], r["ssim"]
-            cells.append(f"{p['mean']:.2f} dB [{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}] / SSIM {s['mean']:.3f} "
-                         f"(step {r['global_step']})")
+            cells.append(
+                f"{p['mean']:.2f} dB [{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}] / SSIM {s['mean']:.3f} "
+                f"(step {r['global_step']})"
+            )
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -139,8 +160,10 @@ def plot(rows: list[dict], path: Path) -> None:
         x = [r["budget_s"] / 60 for r in mine]
         for ax, key in zip(axes, ("psnr", "ssim"), strict=True):
             mean = [r[key]["mean"] for r in mine]
-            err = [[m - r[key]["ci95"][0] for m, r in zip(mean, mine, strict=True)],
-                   [r[key]["ci95"][1] - m for m, r in zip(mean, mine, strict=True)]]
+            err = [
+                [m - r[key]["ci95"][0] for m, r in zip(mean, mine, strict=True)],
+                [r[key]["ci95"][1] - m for m, r in zip(mean, mine, strict=True)],
+            ]
             ax.errorbar(x, mean, yerr=err, marker="o", capsize=3, label=method)
     for ax, label in zip(axes, ("artifact-region PSNR (dB)", "artifact-region SSIM"), strict=True):
         ax.set_xlabel("training wall-clock (min, 2 CPU cores)")

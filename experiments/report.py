@@ -32,8 +32,9 @@ def table_of(rows: Iterable[Mapping]) -> dict[tuple[str, str, str], dict[str, fl
     return out
 
 
-def summarize(rows: Sequence[Mapping], methods: Sequence[str], *, seed: int = 0,
-              references: Sequence[str] = ()) -> dict:
+def summarize(
+    rows: Sequence[Mapping], methods: Sequence[str], *, seed: int = 0, references: Sequence[str] = ()
+) -> dict:
     """Means with 95 % bootstrap intervals per method/region/metric, and paired differences.
 
     Args:
@@ -44,8 +45,12 @@ def summarize(rows: Sequence[Mapping], methods: Sequence[str], *, seed: int = 0,
             and Telea: the baselines a restoration method has to beat.
     """
     table = table_of(rows)
-    summary: dict = {"methods": list(methods), "metrics": {}, "paired_vs": methods[0] if methods else None,
-                     "references": [r for r in references if r in methods]}
+    summary: dict = {
+        "methods": list(methods),
+        "metrics": {},
+        "paired_vs": methods[0] if methods else None,
+        "references": [r for r in references if r in methods],
+    }
     for (method, region, metric), by_image in sorted(table.items()):
         values = np.array(list(by_image.values()), np.float64)
         mean, low, high, n = bootstrap_ci(values, seed=seed)
@@ -81,9 +86,16 @@ def _cell(e: Mapping | None, metric: str, ref: str | None = None) -> str:
     return cell
 
 
-def type_tables(rows: Sequence[Mapping], types_by_image: Mapping[str, Sequence[str]], methods: Sequence[str], *,
-                references: Sequence[str] = (), region: str = "artifact",
-                metrics: Sequence[str] = ("psnr", "ssim", "fsim", "l2"), seed: int = 0) -> tuple[str, dict]:
+def type_tables(
+    rows: Sequence[Mapping],
+    types_by_image: Mapping[str, Sequence[str]],
+    methods: Sequence[str],
+    *,
+    references: Sequence[str] = (),
+    region: str = "artifact",
+    metrics: Sequence[str] = ("psnr", "ssim", "fsim", "l2"),
+    seed: int = 0,
+) -> tuple[str, dict]:
     """One table per artifact type (tiles carrying the type): methods x metrics with paired 95 % intervals.
 
     Args:
@@ -106,22 +118,33 @@ def type_tables(rows: Sequence[Mapping], types_by_image: Mapping[str, Sequence[s
         images = [k for k, ts in types_by_image.items() if kind in ts]
         summary = summarize(subset_rows(rows, images), methods, seed=seed, references=references)
         out[kind] = {"n": len(images), "metrics": {m: summary["metrics"].get(m, {}).get(region, {}) for m in methods}}
-        lines += [f"#### {kind} ({len(images)} tiles): {region} region", "",
-                  "| method | " + " | ".join(f"{m} {'↑' if HIGHER_IS_BETTER.get(m, True) else '↓'}" for m in metrics)
-                  + " |", "|---|" + "---|" * len(metrics)]
+        lines += [
+            f"#### {kind} ({len(images)} tiles): {region} region",
+            "",
+            "| method | " + " | ".join(f"{m} {'↑' if HIGHER_IS_BETTER.get(m, True) else '↓'}" for m in metrics) + " |",
+            "|---|" + "---|" * len(metrics),
+        ]
         for method in methods:
             entries = summary["metrics"].get(method, {}).get(region, {})
             lines.append(f"| {method} | " + " | ".join(_cell(entries.get(m), m, ref) for m in metrics) + " |")
         lines.append("")
     if lines:
-        lines.append("Cells: mean [95 % bootstrap interval] over the tiles carrying the type; (Δ d [low, high]) is "
-                     f"the paired difference against `{ref}` on the same tiles, * when a Wilcoxon signed-rank test "
-                     "gives p < 0.05. A tile with two artifact types counts for both.")
+        lines.append(
+            "Cells: mean [95 % bootstrap interval] over the tiles carrying the type; (Δ d [low, high]) is "
+            f"the paired difference against `{ref}` on the same tiles, * when a Wilcoxon signed-rank test "
+            "gives p < 0.05. A tile with two artifact types counts for both."
+        )
     return "\n".join(lines), out
 
 
-def verdict_table(summary: Mapping, method: str, references: Sequence[str], *, region: str = "artifact",
-                  metrics: Sequence[str] = ("psnr", "ssim")) -> str:
+def verdict_table(
+    summary: Mapping,
+    method: str,
+    references: Sequence[str],
+    *,
+    region: str = "artifact",
+    metrics: Sequence[str] = ("psnr", "ssim"),
+) -> str:
     """Paired differences of ``method`` against each reference (the quality bar: intervals above zero)."""
     rows = []
     for ref in references:
@@ -136,8 +159,13 @@ def verdict_table(summary: Mapping, method: str, references: Sequence[str], *, r
         rows.append(f"| {method} - {ref} | " + " | ".join(cells) + " |")
     if not rows:
         return ""
-    return "\n".join([f"| {region} region, paired over tiles | " + " | ".join(f"Δ {m}" for m in metrics) + " |",
-                      "|---|" + "---|" * len(metrics), *rows])
+    return "\n".join(
+        [
+            f"| {region} region, paired over tiles | " + " | ".join(f"Δ {m}" for m in metrics) + " |",
+            "|---|" + "---|" * len(metrics),
+            *rows,
+        ]
+    )
 
 
 def _fmt(x: float, metric: str) -> str:
@@ -159,9 +187,14 @@ def markdown_tables(summary: Mapping, *, metrics: Sequence[str] = ("l2", "psnr",
         present = [m for m in summary["methods"] if region in summary["metrics"].get(m, {})]
         if not present:
             continue
-        lines += [f"#### {region}: {text}", "", "| method | " + " | ".join(
-            f"{m} {'↑' if HIGHER_IS_BETTER.get(m, True) else '↓'}" for m in metrics) + " | n (empty) |",
-            "|---|" + "---|" * (len(metrics) + 1)]
+        lines += [
+            f"#### {region}: {text}",
+            "",
+            "| method | "
+            + " | ".join(f"{m} {'↑' if HIGHER_IS_BETTER.get(m, True) else '↓'}" for m in metrics)
+            + " | n (empty) |",
+            "|---|" + "---|" * (len(metrics) + 1),
+        ]
         for method in present:
             cells = []
             for metric in metrics:
@@ -187,8 +220,14 @@ def markdown_tables(summary: Mapping, *, metrics: Sequence[str] = ("l2", "psnr",
     return "\n".join(lines)
 
 
-def by_artifact_type(rows: Sequence[Mapping], types_by_image: Mapping[str, Sequence[str]], methods: Sequence[str],
-                     *, region: str = "artifact", metric: str = "psnr") -> str:
+def by_artifact_type(
+    rows: Sequence[Mapping],
+    types_by_image: Mapping[str, Sequence[str]],
+    methods: Sequence[str],
+    *,
+    region: str = "artifact",
+    metric: str = "psnr",
+) -> str:
     """Markdown table of ``region/metric`` means per artifact type (a tile counts for every type it carries).
 
     Args:
@@ -202,8 +241,12 @@ def by_artifact_type(rows: Sequence[Mapping], types_by_image: Mapping[str, Seque
     types = sorted({t for ts in types_by_image.values() for t in ts})
     if not types:
         return ""
-    lines = [f"#### {region}-region {metric} by artifact type (mean over tiles carrying the type)", "",
-             "| type | n | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
+    lines = [
+        f"#### {region}-region {metric} by artifact type (mean over tiles carrying the type)",
+        "",
+        "| type | n | " + " | ".join(methods) + " |",
+        "|---|---|" + "---|" * len(methods),
+    ]
     for kind in types:
         images = [k for k, ts in types_by_image.items() if kind in ts]
         cells = []
@@ -259,8 +302,9 @@ def comparison_grid(
         gap = np.full((target.shape[0], 4, 3), 255, np.uint8)
         rows_img.append(np.concatenate(sum(([c, gap] for c in cells), [])[:-1], 1))
     width = max(r.shape[1] for r in rows_img)
-    rows_img = [cv2.copyMakeBorder(r, 0, 4, 0, width - r.shape[1], cv2.BORDER_CONSTANT, value=(255, 255, 255))
-                for r in rows_img]
+    rows_img = [
+        cv2.copyMakeBorder(r, 0, 4, 0, width - r.shape[1], cv2.BORDER_CONSTANT, value=(255, 255, 255)) for r in rows_img
+    ]
     write_image_atomic(out_path, np.concatenate(rows_img, 0))
     return picks
 

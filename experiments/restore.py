@@ -153,29 +153,49 @@ def parse_args(argv: list[str] | None = None) -> RestoreJob:
     p.add_argument("--model", type=Path, help="exported pipeline folder (methods latent, latent-reference, ...)")
     p.add_argument("--method", default="latent", help=f"restoration method: {', '.join(available_restorers())}")
     p.add_argument("--images", type=Path, required=True, help="folder of corrupted tiles (recursive)")
-    p.add_argument("--masks", type=Path, required=True,
-                   help="folder of masks with the same relative paths (suffixes may differ), or 'auto' to predict "
-                        "them with --mask-model (a folder named auto: pass ./auto)")
+    p.add_argument(
+        "--masks",
+        type=Path,
+        required=True,
+        help="folder of masks with the same relative paths (suffixes may differ), or 'auto' to predict "
+        "them with --mask-model (a folder named auto: pass ./auto)",
+    )
     p.add_argument("--mask-model", type=Path, help="exported artifact segmenter folder for --masks auto")
-    p.add_argument("--mask-threshold", type=float,
-                   help="--masks auto: artifact probability threshold in (0, 1) (default: the segmenter's)")
+    p.add_argument(
+        "--mask-threshold",
+        type=float,
+        help="--masks auto: artifact probability threshold in (0, 1) (default: the segmenter's)",
+    )
     p.add_argument("--out", type=Path, required=True, help="output folder (PNGs with the images' relative paths)")
     p.add_argument("--steps", type=int, help="sampling steps, >= 1 (default: the pipeline's)")
     p.add_argument("--preset", choices=("repaint", "reference"), help="sampler preset (default: the pipeline's)")
     p.add_argument("--scheduler", choices=("ddpm", "ddim", "dpmsolver++"), help="sampling scheduler")
     p.add_argument("--strength", type=float, help="in (0, 1]: start at strength x T (1 = full regeneration)")
-    p.add_argument("--sampler", type=Path, metavar="FILE",
-                   help="sampler settings file (experiments/configs/sampler/*.yaml); --steps, --preset, --scheduler, "
-                        "--strength and --sampler-set win over it")
-    p.add_argument("--sampler-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="set one SamplerConfig field (YAML value), e.g. --sampler-set feather=4; repeatable")
+    p.add_argument(
+        "--sampler",
+        type=Path,
+        metavar="FILE",
+        help="sampler settings file (experiments/configs/sampler/*.yaml); --steps, --preset, --scheduler, "
+        "--strength and --sampler-set win over it",
+    )
+    p.add_argument(
+        "--sampler-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set one SamplerConfig field (YAML value), e.g. --sampler-set feather=4; repeatable",
+    )
     p.add_argument("--batch-size", type=int, default=4, help="tiles per model call, >= 1 (part of the settings)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision")
-    p.add_argument("--mask-convention", choices=("artifact", "keep"), default="artifact",
-                   help="artifact: 255 (or 1) = artifact, 0 = clean (this suite); keep: 255 = keep, 0 = artifact "
-                        "(the authors'); masks with any other values are skipped")
+    p.add_argument(
+        "--mask-convention",
+        choices=("artifact", "keep"),
+        default="artifact",
+        help="artifact: 255 (or 1) = artifact, 0 = clean (this suite); keep: 255 = keep, 0 = artifact "
+        "(the authors'); masks with any other values are skipped",
+    )
     p.add_argument("--force", action="store_true", help="redo every output, whatever settings made the ones in --out")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors (or LAF_DEBUG=1)")
     return from_namespace(RestoreJob, p.parse_args(argv))
@@ -209,12 +229,16 @@ def resolve_sampler(args: RestoreJob) -> tuple[SamplerSpec | None, dict]:
     path = args.sampler
     try:
         spec = None if path is None else load_sampler_file(path)
-        fields = merge_cli_overrides({"num_steps": args.steps, "strength": args.strength},
-                                     parse_sampler_sets(args.sampler_set))
+        fields = merge_cli_overrides(
+            {"num_steps": args.steps, "strength": args.strength}, parse_sampler_sets(args.sampler_set)
+        )
         kwargs = sampler_kwargs(spec, {"preset": args.preset, "scheduler": args.scheduler, **fields})
         source = "sampler settings" + (f" of {path} and the command line" if path is not None else "")
-        check_overrides({k: v for k, v in kwargs.items() if k not in ("preset", "scheduler")}, source=source,
-                        base=kwargs.get("preset"))
+        check_overrides(
+            {k: v for k, v in kwargs.items() if k not in ("preset", "scheduler")},
+            source=source,
+            base=kwargs.get("preset"),
+        )
     except ValueError as err:
         raise CLIError(one_line(err)) from None
     return spec, kwargs
@@ -223,9 +247,11 @@ def resolve_sampler(args: RestoreJob) -> tuple[SamplerSpec | None, dict]:
 def check_sampler_method(args: RestoreJob) -> None:
     """Refuse ``--sampler`` / ``--sampler-set`` for a method that has no sampler (classical methods, CycleGAN)."""
     if sampler_requested(args) and not has_sampler(args.method, args.model):
-        raise CLIError(f"--method {args.method} has no diffusion sampler, so --sampler and --sampler-set do not "
-                       "apply; drop them, or use a method with an exported pipeline (latent, latent-conditional, "
-                       "latent-reference, artifusion)")
+        raise CLIError(
+            f"--method {args.method} has no diffusion sampler, so --sampler and --sampler-set do not "
+            "apply; drop them, or use a method with an exported pipeline (latent, latent-conditional, "
+            "latent-reference, artifusion)"
+        )
 
 
 def auto_masks(args: RestoreJob) -> bool:
@@ -238,15 +264,20 @@ def check_mask_model(args: RestoreJob) -> None:
     mask_model, threshold = args.mask_model, args.mask_threshold
     if not auto_masks(args):
         if mask_model is not None or threshold is not None:
-            raise CLIError("--mask-model and --mask-threshold are for --masks auto (predicted masks); drop them, or "
-                           "pass --masks auto instead of a mask folder")
+            raise CLIError(
+                "--mask-model and --mask-threshold are for --masks auto (predicted masks); drop them, or "
+                "pass --masks auto instead of a mask folder"
+            )
         return
     if mask_model is None:
-        raise CLIError("--masks auto needs --mask-model DIR (an artifact segmenter from python -m experiments.export "
-                       "segmenter, e.g. outputs/demo/artifact_segmenter), or pass a folder of masks")
+        raise CLIError(
+            "--masks auto needs --mask-model DIR (an artifact segmenter from python -m experiments.export "
+            "segmenter, e.g. outputs/demo/artifact_segmenter), or pass a folder of masks"
+        )
     if not mask_model.is_dir():
-        raise CLIError(f"--mask-model {mask_model} is not a folder; pass one written by python -m experiments.export "
-                       "segmenter")
+        raise CLIError(
+            f"--mask-model {mask_model} is not a folder; pass one written by python -m experiments.export segmenter"
+        )
     try:
         read_segmenter_meta(mask_model)
     except (OSError, ValueError) as err:
@@ -321,8 +352,10 @@ def pair_files(
         elsewhere = [k for k in by_stem.get(PurePosixPath(key).name, []) if k not in image_index]
         hint = f" (masks pair by relative path; {elsewhere[0]} is in another folder)" if elsewhere else ""
         skipped.append((str(image_index[key]), f"no mask {key}.* in {masks}{hint}"))
-    skipped += [(str(mask_index[k]), f"mask without an image {k}.* in {images}")
-                for k in sorted(set(mask_index) - set(image_index))]
+    skipped += [
+        (str(mask_index[k]), f"mask without an image {k}.* in {images}")
+        for k in sorted(set(mask_index) - set(image_index))
+    ]
     return pairs, skipped
 
 
@@ -345,8 +378,10 @@ def check_mask_names(pairs: list[tuple[str, Path, Path | None]]) -> None:
     keys = {key for key, *_ in pairs}
     clash = sorted(key for key in keys if key.endswith(".mask") and key[: -len(".mask")] in keys)
     if clash:
-        raise CLIError(f"with --masks auto, {clash[0]}.png would overwrite the predicted mask of "
-                       f"{clash[0][: -len('.mask')]}; rename it (or restore it with a mask folder)")
+        raise CLIError(
+            f"with --masks auto, {clash[0]}.png would overwrite the predicted mask of "
+            f"{clash[0][: -len('.mask')]}; rename it (or restore it with a mask folder)"
+        )
 
 
 def load_mask_model(args: RestoreJob):
@@ -386,6 +421,7 @@ def plan_windows(height: int, width: int, unit: int, tile: int | None) -> list[t
         ImageReadError: A side is too small to reflect-pad to a multiple of ``unit`` (it needs more than ``unit / 2``
             px, since a reflection adds at most ``side - 1`` px).
     """
+
     def starts(n: int) -> tuple[list[int], int]:
         if tile is None or n <= tile:
             return [0], n
@@ -472,9 +508,14 @@ def run_settings(args: RestoreJob, spec: SamplerSpec | None = None) -> dict:
         "format": MANIFEST_FORMAT,
         "method": args.method,
         "model_fingerprint": model_fingerprint(args.model) if uses_model(args.method) else None,
-        "sampler": {"steps": args.steps, "strength": args.strength, "preset": args.preset,
-                    "scheduler": args.scheduler, "file": None if spec is None else spec.to_dict(),
-                    "set": parse_sampler_sets(args.sampler_set) or None},
+        "sampler": {
+            "steps": args.steps,
+            "strength": args.strength,
+            "preset": args.preset,
+            "scheduler": args.scheduler,
+            "file": None if spec is None else spec.to_dict(),
+            "set": parse_sampler_sets(args.sampler_set) or None,
+        },
         "seed": args.seed,
         "batch_size": args.batch_size,
         "mask_convention": args.mask_convention,
@@ -500,20 +541,24 @@ def check_manifest(out: Path, settings: dict, force: bool) -> dict:
         keys = [*now, *(k for k in before if k not in now and k.split(".")[0] in settings)]
         diffs = [f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in keys if before.get(k) != now.get(k)]
         if diffs:
-            raise CLIError(f"{out} holds outputs of other settings ({'; '.join(diffs)}); use a new --out, or --force "
-                           "to redo every file with these settings")
+            raise CLIError(
+                f"{out} holds outputs of other settings ({'; '.join(diffs)}); use a new --out, or --force "
+                "to redo every file with these settings"
+            )
         return old.get("timing", {})
     existing = list_images(out)
     if existing:
-        raise CLIError(f"{out} already holds {len(existing)} image(s) but no {MANIFEST}, so their settings are "
-                       "unknown; use a new --out, or --force to redo every file")
+        raise CLIError(
+            f"{out} already holds {len(existing)} image(s) but no {MANIFEST}, so their settings are "
+            "unknown; use a new --out, or --force to redo every file"
+        )
     return {}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
     out = {}
-    for k, v in (d.items() if isinstance(d, dict) else ()):
+    for k, v in d.items() if isinstance(d, dict) else ():
         out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
 
@@ -577,8 +622,11 @@ def restore_folder(args: RestoreJob, restorer: Restorer | None = None) -> dict:
         raise CLIError(f"nothing to restore: {args.images} holds no images", code=1)
     if not pairs:
         why = f"; e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else f" ({args.images} holds no images)"
-        raise CLIError(f"nothing to restore: no image in {args.images} has a mask with the same relative path in "
-                       f"{args.masks}{why}", code=1)
+        raise CLIError(
+            f"nothing to restore: no image in {args.images} has a mask with the same relative path in "
+            f"{args.masks}{why}",
+            code=1,
+        )
     check_output_folder(args.out)
     settings = run_settings(args, spec)
     timing = check_manifest(args.out, settings, args.force)
@@ -597,8 +645,13 @@ def restore_folder(args: RestoreJob, restorer: Restorer | None = None) -> dict:
     unit, tile = tile_geometry(restorer)
     timing = {"seconds": float(timing.get("seconds", 0.0)), "tiles": int(timing.get("tiles", 0))}
     record = sampler_record(args.sampler, spec, kwargs)
-    manifest = {**settings, "model": str(args.model) if settings["model_fingerprint"] else None,
-                "mask_model": str(args.mask_model) if auto else None, "sampler_file": record, "timing": timing}
+    manifest = {
+        **settings,
+        "model": str(args.model) if settings["model_fingerprint"] else None,
+        "mask_model": str(args.mask_model) if auto else None,
+        "sampler_file": record,
+        "timing": timing,
+    }
     _write_json(args.out / MANIFEST, manifest)
 
     stats = {"done": 0, "resumed": 0, "computed": 0, "padded": 0, "windowed": 0}
@@ -607,16 +660,23 @@ def restore_folder(args: RestoreJob, restorer: Restorer | None = None) -> dict:
     try:
         for c in range(0, len(pairs), args.batch_size):
             chunk = pairs[c : c + args.batch_size]
-            need = [args.force or not output_ok(args.out / f"{key}.png", img)
-                    or (auto and not output_ok(mask_output_path(args.out, key), img)) for key, img, _ in chunk]
+            need = [
+                args.force
+                or not output_ok(args.out / f"{key}.png", img)
+                or (auto and not output_ok(mask_output_path(args.out, key), img))
+                for key, img, _ in chunk
+            ]
             if any(need):
                 _restore_chunk(restorer, chunk, need, args, unit, tile, kwargs, stats, skipped, debug, segmenter)
             else:
                 stats["resumed"] += len(chunk)
             bar.update(len(chunk))
     except KeyboardInterrupt:
-        raise CLIError(f"interrupted after writing {stats['done']} output(s) to {args.out}; finished files are "
-                       "complete, rerun the same command to resume", code=130) from None
+        raise CLIError(
+            f"interrupted after writing {stats['done']} output(s) to {args.out}; finished files are "
+            "complete, rerun the same command to resume",
+            code=130,
+        ) from None
     finally:
         bar.close()
         elapsed = time.perf_counter() - start
@@ -624,8 +684,16 @@ def restore_folder(args: RestoreJob, restorer: Restorer | None = None) -> dict:
             timing = {"seconds": timing["seconds"] + elapsed, "tiles": timing["tiles"] + stats["computed"]}
             _write_json(args.out / MANIFEST, {**manifest, "timing": timing})
     _print_summary(args, stats, skipped, elapsed, nfe, unit, tile)
-    return {"done": stats["done"], "resumed": stats["resumed"], "skipped": skipped, "pairs": len(pairs),
-            "seconds": elapsed, "nfe": nfe, "timing": timing, "sampler": record}
+    return {
+        "done": stats["done"],
+        "resumed": stats["resumed"],
+        "skipped": skipped,
+        "pairs": len(pairs),
+        "seconds": elapsed,
+        "nfe": nfe,
+        "timing": timing,
+        "sampler": record,
+    }
 
 
 def _predict_masks(segmenter, loaded: list, args: RestoreJob, skipped: list, stats: dict, debug: bool) -> list:
@@ -642,8 +710,7 @@ def _predict_masks(segmenter, loaded: list, args: RestoreJob, skipped: list, sta
             raise
         for _, img_path, *_, needed in loaded:
             if needed:
-                skipped.append((str(img_path), f"mask prediction failed ({type(err).__name__}: "
-                                               f"{one_line(err)[:200]})"))
+                skipped.append((str(img_path), f"mask prediction failed ({type(err).__name__}: {one_line(err)[:200]})"))
             else:
                 stats["resumed"] += 1
         return []
@@ -655,8 +722,11 @@ def _predict_masks(segmenter, loaded: list, args: RestoreJob, skipped: list, sta
             try:
                 write_mask_atomic(path, mask)
             except OSError as err:
-                raise CLIError(f"cannot write {path} ({err.strerror or one_line(err)}); free space or choose another "
-                               "--out, then rerun to resume", code=1) from None
+                raise CLIError(
+                    f"cannot write {path} ({err.strerror or one_line(err)}); free space or choose another "
+                    "--out, then rerun to resume",
+                    code=1,
+                ) from None
         out.append((key, img_path, rgb, mask, windows, needed))
     return out
 
@@ -701,8 +771,12 @@ def _restore_chunk(restorer, chunk, need, args, unit, tile, kwargs, stats, skipp
                 continue
             generator = torch.Generator().manual_seed(batch_seed(args.seed, [it.id for it in batch]))
             try:
-                out = restorer.restore(torch.stack([it.image for it in batch]), torch.stack([it.mask for it in batch]),
-                                       generator=generator, **kwargs)
+                out = restorer.restore(
+                    torch.stack([it.image for it in batch]),
+                    torch.stack([it.mask for it in batch]),
+                    generator=generator,
+                    **kwargs,
+                )
             except Exception as err:  # one failing batch must not cost the other tiles
                 if debug:
                     raise
@@ -728,8 +802,11 @@ def _restore_chunk(restorer, chunk, need, args, unit, tile, kwargs, stats, skipp
         try:
             write_image_atomic(args.out / f"{key}.png", canvas)
         except OSError as err:
-            raise CLIError(f"cannot write {args.out / f'{key}.png'} ({err.strerror or one_line(err)}); free space or "
-                           "choose another --out, then rerun to resume", code=1) from None
+            raise CLIError(
+                f"cannot write {args.out / f'{key}.png'} ({err.strerror or one_line(err)}); free space or "
+                "choose another --out, then rerun to resume",
+                code=1,
+            ) from None
         stats["done"] += 1
         stats["padded"] += any(h % unit or w % unit for _, _, h, w in windows)
         stats["windowed"] += len(windows) > 1
@@ -742,8 +819,10 @@ def _print_summary(args, stats, skipped, elapsed, nfe, unit, tile) -> None:
     rate = done / elapsed if elapsed > 0 else float("nan")
     if resumed:
         print(f"resuming: {resumed} outputs already in {args.out} (same settings) were kept")
-    print(f"restored {done} tile(s) in {elapsed:.1f} s ({rate:.3f} tiles/s, {nfe} NFE per tile); {resumed} resumed, "
-          f"{len(skipped)} skipped")
+    print(
+        f"restored {done} tile(s) in {elapsed:.1f} s ({rate:.3f} tiles/s, {nfe} NFE per tile); {resumed} resumed, "
+        f"{len(skipped)} skipped"
+    )
     if stats["padded"]:
         print(f"  {stats['padded']} tile(s) reflect-padded to multiples of {unit} px for the model and cropped back")
     if stats["windowed"]:
@@ -764,8 +843,11 @@ def _main(argv: list[str]) -> int:
     args = parse_args(argv)
     stats = restore_folder(args)
     if stats["done"] + stats["resumed"] == 0:
-        raise CLIError(f"nothing restored: all {stats['pairs']} paired file(s) were skipped (reasons above and in "
-                       f"{args.out / 'skipped.tsv'})", code=1)
+        raise CLIError(
+            f"nothing restored: all {stats['pairs']} paired file(s) were skipped (reasons above and in "
+            f"{args.out / 'skipped.tsv'})",
+            code=1,
+        )
     return 0
 
 

@@ -52,12 +52,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="output pyramidal TIFF (OUT.tif)")
     p.add_argument("--model", type=Path, help="exported pipeline folder (methods latent, latent-reference, ...)")
     p.add_argument("--method", default="latent", help=f"restoration method: {', '.join(available_restorers())}")
-    p.add_argument("--masks", required=True,
-                   help="mask image aligned to any level (nonzero = artifact), QuPath GeoJSON (level-0 pixels), "
-                        "or 'auto' (segmentation model, with --mask-model)")
+    p.add_argument(
+        "--masks",
+        required=True,
+        help="mask image aligned to any level (nonzero = artifact), QuPath GeoJSON (level-0 pixels), "
+        "or 'auto' (segmentation model, with --mask-model)",
+    )
     p.add_argument("--mask-model", type=Path, help="exported artifact segmenter folder for --masks auto")
-    p.add_argument("--mask-downsample", type=int, default=2,
-                   help="--masks auto: predict on the working grid reduced this many times (lower magnification)")
+    p.add_argument(
+        "--mask-downsample",
+        type=int,
+        default=2,
+        help="--masks auto: predict on the working grid reduced this many times (lower magnification)",
+    )
     p.add_argument("--mask-tile", type=int, default=256, help="--masks auto: segmenter tile at the reduced grid")
     p.add_argument("--mask-threshold", type=float, help="--masks auto: probability threshold (default: the model's)")
     level = p.add_mutually_exclusive_group()
@@ -70,8 +77,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--devices", type=int, default=1, help="processes per node (DDP through Lightning when > 1)")
     p.add_argument("--num-nodes", type=int, default=1, help="nodes (SLURM / torchrun); see docs/SLIDES.md")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers per process reading tiles (DDP path)")
-    p.add_argument("--max-artifact-fraction", type=float, default=0.6,
-                   help="flag (do not restore) tiles with a larger artifact fraction")
+    p.add_argument(
+        "--max-artifact-fraction",
+        type=float,
+        default=0.6,
+        help="flag (do not restore) tiles with a larger artifact fraction",
+    )
     p.add_argument("--jpeg", action="store_true", help="JPEG-compressed output (smaller, not lossless)")
     p.add_argument("--jpeg-quality", type=int, default=90)
     p.add_argument("--seed", type=int, default=0)
@@ -89,19 +100,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def derived_paths(out: Path) -> dict[str, Path]:
     """OUT.tif -> the paths of the masks, preview, report and tile store next to it."""
     stem = out.with_suffix("")
-    return {"mask": Path(f"{stem}.mask.png"), "preview": Path(f"{stem}.preview.png"),
-            "automask": Path(f"{stem}.automask.png"),
-            "json": Path(f"{stem}.json"), "store": Path(f"{stem}.tiles")}
+    return {
+        "mask": Path(f"{stem}.mask.png"),
+        "preview": Path(f"{stem}.preview.png"),
+        "automask": Path(f"{stem}.automask.png"),
+        "json": Path(f"{stem}.json"),
+        "store": Path(f"{stem}.tiles"),
+    }
 
 
 def store_manifest(args: argparse.Namespace, info, mask) -> dict:
     """Every input and setting that changes a stored tile's pixels."""
     return {
-        "format": STORE_FORMAT, "slide": f"{info.path.name}:{file_fingerprint(info.path)}", "level": info.level,
-        "to_level0": info.to_level0, "shape": list(info.shape), "mask": f"{mask.kind}:{mask.fingerprint}",
-        "method": args.method, "model": None if args.model is None else file_fingerprint(args.model),
-        "tile": args.tile, "overlap": args.overlap, "batch_size": args.batch_size, "seed": args.seed,
-        "max_artifact_fraction": args.max_artifact_fraction, "steps": args.steps, "precision": args.precision,
+        "format": STORE_FORMAT,
+        "slide": f"{info.path.name}:{file_fingerprint(info.path)}",
+        "level": info.level,
+        "to_level0": info.to_level0,
+        "shape": list(info.shape),
+        "mask": f"{mask.kind}:{mask.fingerprint}",
+        "method": args.method,
+        "model": None if args.model is None else file_fingerprint(args.model),
+        "tile": args.tile,
+        "overlap": args.overlap,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "max_artifact_fraction": args.max_artifact_fraction,
+        "steps": args.steps,
+        "precision": args.precision,
     }
 
 
@@ -129,8 +154,13 @@ def restore_local(args: argparse.Namespace, source, mask, plan: TilePlan, store:
     restorer = _build_restorer(args, args.device)
     overrides = {"num_steps": args.steps} if args.steps else {}
     remaining = sum(len(b) for b in todo)
-    bar = tqdm(total=len(plan.restore), initial=len(plan.restore) - remaining, desc=f"restoring ({args.method})",
-               unit="tile", disable=args.no_progress)
+    bar = tqdm(
+        total=len(plan.restore),
+        initial=len(plan.restore) - remaining,
+        desc=f"restoring ({args.method})",
+        unit="tile",
+        disable=args.no_progress,
+    )
     written = 0
     for batch_tiles in todo:
         batch = read_tiles(source, mask, plan.grid, batch_tiles)
@@ -152,9 +182,20 @@ def restore_distributed(args: argparse.Namespace, source, mask, plan: TilePlan, 
     restorer = _build_restorer(args, "cpu")  # Lightning moves nn.Module restorers to each rank's device
     accelerator = "cpu" if str(args.device).startswith("cpu") else "gpu"
     return predict_tiles(
-        restorer, source, mask, plan, store, seed=args.seed, overrides={"num_steps": args.steps} if args.steps else {},
-        accelerator=accelerator, devices=args.devices, num_nodes=args.num_nodes, force=args.force,
-        progress=not args.no_progress, num_workers=args.workers, root=store.root,
+        restorer,
+        source,
+        mask,
+        plan,
+        store,
+        seed=args.seed,
+        overrides={"num_steps": args.steps} if args.steps else {},
+        accelerator=accelerator,
+        devices=args.devices,
+        num_nodes=args.num_nodes,
+        force=args.force,
+        progress=not args.no_progress,
+        num_workers=args.workers,
+        root=store.root,
     )
 
 
@@ -171,21 +212,37 @@ def assemble(args: argparse.Namespace, source, info, mask, plan: TilePlan, store
         if tinfo.shape != info.shape:
             raise SlideInputError(f"--truth-image {args.truth_image}: grid {tinfo.shape} differs from {info.shape}")
     scale = mask_scale_for(info.shape)
-    asm = SlideAssembler(source, mask, plan, store.read, truth_mask=truth_mask, truth=truth,
-                         seam_band=args.seam_band, mask_scale=scale)
+    asm = SlideAssembler(
+        source, mask, plan, store.read, truth_mask=truth_mask, truth=truth, seam_band=args.seam_band, mask_scale=scale
+    )
     bar = tqdm(total=info.shape[0], desc="writing OUT.tif", unit="row", disable=args.no_progress)
-    description = (f"Restored by experiments.restore_slide (method {args.method}) from {info.path.name}; "
-                   "synthetic pixels are marked in the .mask.png next to this file")  # no OUT name: same bytes
-    pyramid = write_pyramid(args.out, asm.strip, info.shape, mpp=info.mpp, jpeg=args.jpeg,
-                            quality=args.jpeg_quality, description=description, on_strip=bar.update)
+    description = (
+        f"Restored by experiments.restore_slide (method {args.method}) from {info.path.name}; "
+        "synthetic pixels are marked in the .mask.png next to this file"
+    )  # no OUT name: same bytes
+    pyramid = write_pyramid(
+        args.out,
+        asm.strip,
+        info.shape,
+        mpp=info.mpp,
+        jpeg=args.jpeg,
+        quality=args.jpeg_quality,
+        description=description,
+        on_strip=bar.update,
+    )
     bar.close()
     provenance = asm.provenance_mask()
     write_mask_atomic(paths["mask"], provenance)
     k = pyramid["small_level"]
     boxes = {"flagged": [plan.grid.box(i) for i in plan.flagged]}
     write_preview(paths["preview"], pyramid["small"], provenance, boxes, 0.5**k)
-    return {"stats": asm.stats, "mask_scale": scale, "levels": pyramid["levels"], "truth": truth is not None,
-            "truth_mask": truth_mask is not None}
+    return {
+        "stats": asm.stats,
+        "mask_scale": scale,
+        "levels": pyramid["levels"],
+        "truth": truth is not None,
+        "truth_mask": truth_mask is not None,
+    }
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -204,9 +261,17 @@ def run(args: argparse.Namespace) -> dict:
         from lightning_modules.components.slide_automask import predict_slide_mask
 
         mask, auto = predict_slide_mask(
-            args.mask_model, source, info, downsample=args.mask_downsample, out=paths["store"] / "automask.npy",
-            tile=args.mask_tile, batch_size=args.batch_size, threshold=args.mask_threshold, device=args.device,
-            progress=not args.no_progress)
+            args.mask_model,
+            source,
+            info,
+            downsample=args.mask_downsample,
+            out=paths["store"] / "automask.npy",
+            tile=args.mask_tile,
+            batch_size=args.batch_size,
+            threshold=args.mask_threshold,
+            device=args.device,
+            progress=not args.no_progress,
+        )
         auto["png_scale"] = mask_scale_for(info.shape)
         write_mask_atomic(paths["automask"], mask_image(mask, info.shape, auto["png_scale"]))
     else:
@@ -231,20 +296,32 @@ def run(args: argparse.Namespace) -> dict:
     t1 = time.perf_counter()
     figures = assemble(args, source, info, mask, plan, store)
     assemble_s = time.perf_counter() - t1
-    report = make_report(args, source, info, mask, plan, figures, resumed, restored_now,
-                         {"total": time.perf_counter() - start, "restore": restore_s, "assemble": assemble_s})
+    report = make_report(
+        args,
+        source,
+        info,
+        mask,
+        plan,
+        figures,
+        resumed,
+        restored_now,
+        {"total": time.perf_counter() - start, "restore": restore_s, "assemble": assemble_s},
+    )
     if auto is not None:
         report["mask"]["auto"] = auto | {"png": str(paths["automask"])}
         if report["tissue_mm2"]:
             report["mask"]["auto"]["seconds_per_mm2_tissue"] = auto["seconds"] / report["tissue_mm2"]
     write_json_atomic(paths["json"], report)
-    print(f"wrote {args.out} ({info.shape[1]}x{info.shape[0]}, {len(plan.restore)} tiles restored, "
-          f"{len(plan.flagged)} flagged) and {paths['json'].name}")
+    print(
+        f"wrote {args.out} ({info.shape[1]}x{info.shape[0]}, {len(plan.restore)} tiles restored, "
+        f"{len(plan.flagged)} flagged) and {paths['json'].name}"
+    )
     return report
 
 
-def make_report(args, source, info, mask, plan: TilePlan, figures: dict, resumed: int, restored_now: int,
-                seconds: dict) -> dict:
+def make_report(
+    args, source, info, mask, plan: TilePlan, figures: dict, resumed: int, restored_now: int, seconds: dict
+) -> dict:
     """The OUT.json contents."""
     stats = figures["stats"]
     tissue = source.tissue()
@@ -252,22 +329,41 @@ def make_report(args, source, info, mask, plan: TilePlan, figures: dict, resumed
     tissue_mm2 = area_mm2(tissue_px, info.mpp)
     paths = derived_paths(args.out)
     report = {
-        "slide": str(info.path), "vendor": info.vendor, "out": str(args.out), "shape": list(info.shape),
-        "level": info.level, "level0_per_pixel": info.to_level0, "mpp": info.mpp, "levels_written": figures["levels"],
+        "slide": str(info.path),
+        "vendor": info.vendor,
+        "out": str(args.out),
+        "shape": list(info.shape),
+        "level": info.level,
+        "level0_per_pixel": info.to_level0,
+        "mpp": info.mpp,
+        "levels_written": figures["levels"],
         "compression": "jpeg" if args.jpeg else "zlib (lossless)",
-        "tiles": {"grid": len(plan.grid), "read": len(plan.fractions), "restored": len(plan.restore),
-                  "restored_now": restored_now, "resumed_from_store": resumed, "flagged": len(plan.flagged),
-                  "flagged_boxes_xywh": [plan.grid.box(i) for i in plan.flagged[:1000]]},
-        "artifact_px": stats.artifact_px, "artifact_mm2": area_mm2(stats.artifact_px, info.mpp),
-        "synthetic_px": stats.synthetic_px, "synthetic_mm2": area_mm2(stats.synthetic_px, info.mpp),
-        "tissue_px": tissue_px, "tissue_mm2": tissue_mm2,
-        "mask": {"input": str(args.masks), "kind": mask.kind, "provenance_png": str(paths["mask"]),
-                 "provenance_scale": figures["mask_scale"],
-                 "provenance_note": f"one mask pixel = {figures['mask_scale']}x{figures['mask_scale']} working-grid "
-                                    "pixels; 255 = synthetic (restored) content"},
+        "tiles": {
+            "grid": len(plan.grid),
+            "read": len(plan.fractions),
+            "restored": len(plan.restore),
+            "restored_now": restored_now,
+            "resumed_from_store": resumed,
+            "flagged": len(plan.flagged),
+            "flagged_boxes_xywh": [plan.grid.box(i) for i in plan.flagged[:1000]],
+        },
+        "artifact_px": stats.artifact_px,
+        "artifact_mm2": area_mm2(stats.artifact_px, info.mpp),
+        "synthetic_px": stats.synthetic_px,
+        "synthetic_mm2": area_mm2(stats.synthetic_px, info.mpp),
+        "tissue_px": tissue_px,
+        "tissue_mm2": tissue_mm2,
+        "mask": {
+            "input": str(args.masks),
+            "kind": mask.kind,
+            "provenance_png": str(paths["mask"]),
+            "provenance_scale": figures["mask_scale"],
+            "provenance_note": f"one mask pixel = {figures['mask_scale']}x{figures['mask_scale']} working-grid "
+            "pixels; 255 = synthetic (restored) content",
+        },
         "seam_step_ratio": stats.seam_step_ratio(),
         "seam_step_note": "mean |neighbour difference| of synthetic pixels across tile borders / elsewhere "
-                          "(about 1: no visible seam)",
+        "(about 1: no visible seam)",
         "seconds": seconds,
         "seconds_per_restored_tile": seconds["restore"] / restored_now if restored_now else None,
         "seconds_per_mm2_tissue": seconds["total"] / tissue_mm2 if tissue_mm2 else None,

@@ -63,15 +63,17 @@ def match_names(clean: Path, masks: Path, restored: Mapping[str, Path]) -> tuple
     """
     clean_index, mask_index = index_images(clean), index_images(masks)
     skipped = [(str(clean_index[s]), f"no mask {s}.* in {masks}") for s in sorted(set(clean_index) - set(mask_index))]
-    skipped += [(str(mask_index[s]), f"no clean image {s}.* in {clean}")
-                for s in sorted(set(mask_index) - set(clean_index))]
+    skipped += [
+        (str(mask_index[s]), f"no clean image {s}.* in {clean}") for s in sorted(set(mask_index) - set(clean_index))
+    ]
     names = sorted(set(clean_index) & set(mask_index))
     for method, folder in restored.items():
         have = set(index_images(folder)) if Path(folder).is_dir() else set()
         missing = [n for n in names if n not in have]
         if missing:
-            skipped.append((str(folder), f"{method}: {len(missing)} of {len(names)} restored file(s) missing, "
-                                         f"e.g. {missing[0]}"))
+            skipped.append(
+                (str(folder), f"{method}: {len(missing)} of {len(names)} restored file(s) missing, e.g. {missing[0]}")
+            )
     return names, skipped
 
 
@@ -138,8 +140,9 @@ def iter_scores(
                 kept.append(name)
                 preds.append(to_tensor(pred))
             bar.update(len(names[start : start + batch_size]))
-            yield from _score(method, kept, preds, [references[k][1] for k in kept],
-                              [references[k][2] for k in kept], mode, skipped)
+            yield from _score(
+                method, kept, preds, [references[k][1] for k in kept], [references[k][2] for k in kept], mode, skipped
+            )
     bar.close()
 
 
@@ -168,5 +171,4 @@ def _score(
         for key, vals in values.items():
             region, metric = key.split("/")
             for j, i in enumerate(idx):
-                yield {"method": method, "image": names[i], "region": region, "metric": metric,
-                       "value": float(vals[j])}
+                yield {"method": method, "image": names[i], "region": region, "metric": metric, "value": float(vals[j])}

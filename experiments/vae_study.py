@@ -45,9 +45,13 @@ def load_rows(path: Path = STUDY) -> dict[str, dict]:
     try:
         rows = yaml.safe_load(path.read_text())["rows"]
         return {
-            row["name"]: {"description": row.get("description", ""), "steps": int(row["steps"]),
-                          "schedule": bool(row.get("schedule", False)), "overrides": list(row.get("overrides", [])),
-                          "extra_trainer_steps": int(row.get("extra_trainer_steps", 0))}
+            row["name"]: {
+                "description": row.get("description", ""),
+                "steps": int(row["steps"]),
+                "schedule": bool(row.get("schedule", False)),
+                "overrides": list(row.get("overrides", [])),
+                "extra_trainer_steps": int(row.get("extra_trainer_steps", 0)),
+            }
             for row in rows
         }
     except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError) as err:
@@ -62,8 +66,11 @@ def eval_tiles() -> dict[str, torch.Tensor]:
     from datamodules.tiling import grid_tiles
 
     sources = bundled_sources()
-    seen = [to_tensor(sources[i].read_region(r.x, r.y, r.size, r.size))
-            for i, r in tiles_for_split(sources, "test", size=256, stride=256) if sources[i].name not in UNSEEN]
+    seen = [
+        to_tensor(sources[i].read_region(r.x, r.y, r.size, r.size))
+        for i, r in tiles_for_split(sources, "test", size=256, stride=256)
+        if sources[i].name not in UNSEEN
+    ]
     unseen = []
     for src in sources:
         if src.name in UNSEEN:
@@ -95,13 +102,27 @@ def row_args(name: str, row: dict, *, out: Path, steps: int, scale: float = 1.0)
     """The ``experiments.train fit`` arguments of one row (the row's overrides come last and win)."""
     trainer_steps = steps + round(row["extra_trainer_steps"] * scale)
     args = [
-        "fit", "--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / "model/vae_cpu.yaml"),
-        "--config", str(CONFIGS / "data/bundled.yaml"), "--data.init_args.num_workers=0",
-        "--data.init_args.tile_size=64", "--data.init_args.stride=32", "--data.init_args.batch_size=8",
-        "--data.init_args.max_tiles={val: 8}", f"--trainer.default_root_dir={out / name / 'run'}",
-        "--trainer.logger.init_args.save_dir", str(out / name / "run"), f"--trainer.logger.init_args.name=vae-{name}",
-        f"--trainer.max_steps={trainer_steps}", "--trainer.max_epochs=-1", "--trainer.enable_progress_bar=false",
-        f"--trainer.val_check_interval={max(1, steps // 4)}", "--trainer.check_val_every_n_epoch=null",
+        "fit",
+        "--config",
+        str(CONFIGS / "base.yaml"),
+        "--config",
+        str(CONFIGS / "model/vae_cpu.yaml"),
+        "--config",
+        str(CONFIGS / "data/bundled.yaml"),
+        "--data.init_args.num_workers=0",
+        "--data.init_args.tile_size=64",
+        "--data.init_args.stride=32",
+        "--data.init_args.batch_size=8",
+        "--data.init_args.max_tiles={val: 8}",
+        f"--trainer.default_root_dir={out / name / 'run'}",
+        "--trainer.logger.init_args.save_dir",
+        str(out / name / "run"),
+        f"--trainer.logger.init_args.name=vae-{name}",
+        f"--trainer.max_steps={trainer_steps}",
+        "--trainer.max_epochs=-1",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.val_check_interval={max(1, steps // 4)}",
+        "--trainer.check_val_every_n_epoch=null",
     ]
     if row["schedule"]:
         args += [f"--model.init_args.lr_scheduler.init_args.total_steps={steps}"]
@@ -168,8 +189,9 @@ def markdown(records: list[dict], rows: dict[str, dict], machine: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_study(names: list[str], rows: dict[str, dict], *, out: Path, scale: float = 1.0,
-              force: bool = False) -> list[dict]:
+def run_study(
+    names: list[str], rows: dict[str, dict], *, out: Path, scale: float = 1.0, force: bool = False
+) -> list[dict]:
     """Train and score every named row (finished rows with the same settings are reused); returns the records."""
     unknown = [n for n in names if n not in rows]
     if unknown:
@@ -193,9 +215,12 @@ def run_study(names: list[str], rows: dict[str, dict], *, out: Path, scale: floa
         record["scores"] = score_vae(load_autoencoder(out / name / "vae"), tiles)
         write_json_atomic(path, record)
         s, u = record["scores"]["seen"], record["scores"]["unseen"]
-        print(f"[vae_study] {name}: {record['steps']} steps in {record['train_s']:.0f} s; seen PSNR "
-              f"{s['psnr']['mean']:.2f} SSIM {s['ssim']['mean']:.3f}; unseen PSNR {u['psnr']['mean']:.2f} "
-              f"SSIM {u['ssim']['mean']:.3f}", flush=True)
+        print(
+            f"[vae_study] {name}: {record['steps']} steps in {record['train_s']:.0f} s; seen PSNR "
+            f"{s['psnr']['mean']:.2f} SSIM {s['ssim']['mean']:.3f}; unseen PSNR {u['psnr']['mean']:.2f} "
+            f"SSIM {u['ssim']['mean']:.3f}",
+            flush=True,
+        )
         records.append(record)
     return records
 

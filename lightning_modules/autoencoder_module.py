@@ -93,15 +93,21 @@ class AutoencoderModule(LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        weights = {"kl_weight": kl_weight, "ssim_weight": ssim_weight, "perceptual_weight": perceptual_weight,
-                   "disc_weight": disc_weight, "disc_start": disc_start}
+        weights = {
+            "kl_weight": kl_weight,
+            "ssim_weight": ssim_weight,
+            "perceptual_weight": perceptual_weight,
+            "disc_weight": disc_weight,
+            "disc_start": disc_start,
+        }
         bad = {k: v for k, v in weights.items() if v < 0}
         if bad:
             listed = ", ".join(f"{k}={v}" for k, v in bad.items())
             raise ValueError(f"loss weights and disc_start must be >= 0, got {listed}")
         if vae in _PRESETS:
-            self.vae = build_autoencoder(vae, latent_channels=latent_channels, mid_block_attention=mid_block_attention,
-                                         logvar_init=logvar_init)
+            self.vae = build_autoencoder(
+                vae, latent_channels=latent_channels, mid_block_attention=mid_block_attention, logvar_init=logvar_init
+            )
         else:
             self.vae = load_autoencoder(vae).train()
         self.kl_weight, self.ssim_weight = float(kl_weight), float(ssim_weight)
@@ -159,8 +165,14 @@ class AutoencoderModule(LightningModule):
         loss = rec + self.kl_weight * kl + self.ssim_weight * (1.0 - ssim)
         perceptual = self.perceptual(reconstruction, x.float()) if self.perceptual is not None else rec.new_zeros(())
         loss = loss + self.perceptual_weight * perceptual
-        return {"loss": loss, "rec": rec, "kl": kl, "ssim": ssim, "perceptual": perceptual,
-                "reconstruction": reconstruction}
+        return {
+            "loss": loss,
+            "rec": rec,
+            "kl": kl,
+            "ssim": ssim,
+            "perceptual": perceptual,
+            "reconstruction": reconstruction,
+        }
 
     def _adaptive_weight(self, rec_loss: Tensor, adv_loss: Tensor) -> Tensor:
         """Ldm's balance ``|d rec / d w_last| / |d adv / d w_last|`` at the decoder's output convolution."""

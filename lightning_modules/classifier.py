@@ -65,16 +65,21 @@ class TissueClassifierModule(LightningModule):
         self._optimizer_factory = optimizer
         self._lr_scheduler_factory = lr_scheduler
         # ModuleDict keys may not shadow nn.Module attributes such as ``train``, hence the "_metrics" suffix.
-        self.metrics = nn.ModuleDict({
-            f"{stage}_metrics": MetricCollection({
-                "acc": MulticlassAccuracy(num_classes, average="micro"),
-                "f1": MulticlassF1Score(num_classes, average="macro"),
-            }, prefix=f"{stage}/")
-            for stage in STAGES
-        })
-        self.confusion_metrics = nn.ModuleDict({
-            f"{stage}_metrics": MulticlassConfusionMatrix(num_classes) for stage in ("val", "test")
-        })
+        self.metrics = nn.ModuleDict(
+            {
+                f"{stage}_metrics": MetricCollection(
+                    {
+                        "acc": MulticlassAccuracy(num_classes, average="micro"),
+                        "f1": MulticlassF1Score(num_classes, average="macro"),
+                    },
+                    prefix=f"{stage}/",
+                )
+                for stage in STAGES
+            }
+        )
+        self.confusion_metrics = nn.ModuleDict(
+            {f"{stage}_metrics": MulticlassConfusionMatrix(num_classes) for stage in ("val", "test")}
+        )
         self.confusion: dict[str, Tensor] = {}
 
     def forward(self, image: Tensor) -> Tensor:
@@ -95,8 +100,15 @@ class TissueClassifierModule(LightningModule):
         metrics = self.metrics[f"{stage}_metrics"]
         metrics.update(pred, label)
         on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, sync_dist=not on_step,
-                 prog_bar=True, batch_size=label.shape[0])
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_step=on_step,
+            on_epoch=True,
+            sync_dist=not on_step,
+            prog_bar=True,
+            batch_size=label.shape[0],
+        )
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train", batch_size=label.shape[0])
         if f"{stage}_metrics" in self.confusion_metrics:
             self.confusion_metrics[f"{stage}_metrics"].update(pred, label)

@@ -191,9 +191,11 @@ class CycleGANModule(LightningModule):
 
         strategy = self.trainer.strategy if self._trainer is not None else None
         if isinstance(strategy, DDPStrategy) and not getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters"):
-            raise ValueError("CycleGAN alternates generator and discriminator steps, so under DDP each step leaves the "
-                             "other networks unused: use --trainer.strategy=ddp_find_unused_parameters_true (or "
-                             "--config experiments/configs/trainer/ddp_gan.yaml instead of trainer/ddp.yaml)")
+            raise ValueError(
+                "CycleGAN alternates generator and discriminator steps, so under DDP each step leaves the "
+                "other networks unused: use --trainer.strategy=ddp_find_unused_parameters_true (or "
+                "--config experiments/configs/trainer/ddp_gan.yaml instead of trainer/ddp.yaml)"
+            )
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         """One generator step, then one discriminator step; logs ``train/loss_G``, ``train/loss_D`` etc. (unsynced)."""

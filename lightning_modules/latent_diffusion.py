@@ -43,7 +43,6 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 _CODEC_PREFIX = "codec."
 
 
-
 class LatentDiffusionModule(DiffusionEMAHooks, LightningModule):
     """Unconditional diffusion on autoencoder latents of artifact-free tiles (the paper's denoiser).
 
@@ -253,7 +252,6 @@ class LatentDiffusionModule(DiffusionEMAHooks, LightningModule):
             loss_ema = out["loss"]
         self.log("val/loss_ema", loss_ema, on_epoch=True, sync_dist=True, prog_bar=True, batch_size=size)
 
-
     # --------------------------------------------------------------------------------------------------- export
 
     conditional = False
@@ -295,9 +293,18 @@ class LatentDiffusionModule(DiffusionEMAHooks, LightningModule):
         if codec is None:
             raise ValueError("this module was trained without an autoencoder path; a latent pipeline needs its VAE")
         sampler = replace(sampler or SamplerConfig(), **self.sampler_defaults)
-        return save_pipeline(directory, unet=self.sampling_network, scheduler=self.noise_scheduler, sampler=sampler,
-                             vae=codec.vae, image_size=image_size, scheduler_name=scheduler_name,
-                             conditional=self.conditional, residual=self.residual, extra=extra)
+        return save_pipeline(
+            directory,
+            unet=self.sampling_network,
+            scheduler=self.noise_scheduler,
+            sampler=sampler,
+            vae=codec.vae,
+            image_size=image_size,
+            scheduler_name=scheduler_name,
+            conditional=self.conditional,
+            residual=self.residual,
+            extra=extra,
+        )
 
     # ----------------------------------------------------------------------------------------------- optimisers
 

@@ -47,32 +47,69 @@ class MethodSpec:
 _BENCH = "experiments.benchmarking.methods"
 
 METHODS: dict[str, MethodSpec] = {
-    "identity": MethodSpec("lightning_modules.baselines.classical:_identity", needs_model=False,
-                           takes_sampler=False, summary="the corrupted tile unchanged (the do-nothing reference)"),
-    "telea": MethodSpec("lightning_modules.baselines.classical:_telea", needs_model=False, takes_sampler=False,
-                        summary="OpenCV fast-marching inpainting (Telea 2004) of the artifact region"),
-    "ns": MethodSpec("lightning_modules.baselines.classical:_ns", needs_model=False, takes_sampler=False,
-                     summary="OpenCV Navier-Stokes inpainting (Bertalmio et al. 2001) of the artifact region"),
-    "latent": MethodSpec("lightning_modules.components.pipeline:_latent", needs_model=True, takes_sampler=True,
-                         export="latent", benchmark=f"{_BENCH}:LatentBench",
-                         summary="the latent pipeline in --model, RePaint preset (the paper's method)"),
-    "latent-conditional": MethodSpec("lightning_modules.components.pipeline:_latent_conditional", needs_model=True,
-                                     takes_sampler=True, export="conditional", benchmark=f"{_BENCH}:ConditionalBench",
-                                     summary="the mask-conditioned latent restorer (docs/METHOD.md section 9)"),
-    "latent-reference": MethodSpec("lightning_modules.components.pipeline:_latent_reference", needs_model=True,
-                                   takes_sampler=True, export="latent",
-                                   summary="a latent pipeline with the authors' reference preset (no paste-back)"),
-    "artifusion": MethodSpec("lightning_modules.components.artifusion:build_artifusion_restorer", needs_model=True,
-                             takes_sampler=True, export="artifusion", benchmark=f"{_BENCH}:ArtiFusionBench",
-                             summary="the pixel-space ArtiFusion baseline (MICCAI 2023)"),
-    "cyclegan": MethodSpec("lightning_modules.baselines.cyclegan:_cyclegan", needs_model=True, takes_sampler=False,
-                           export="cyclegan", benchmark=f"{_BENCH}:CycleGANBench",
-                           summary="whole-tile CycleGAN translation (artifact -> clean generator)"),
+    "identity": MethodSpec(
+        "lightning_modules.baselines.classical:_identity",
+        needs_model=False,
+        takes_sampler=False,
+        summary="the corrupted tile unchanged (the do-nothing reference)",
+    ),
+    "telea": MethodSpec(
+        "lightning_modules.baselines.classical:_telea",
+        needs_model=False,
+        takes_sampler=False,
+        summary="OpenCV fast-marching inpainting (Telea 2004) of the artifact region",
+    ),
+    "ns": MethodSpec(
+        "lightning_modules.baselines.classical:_ns",
+        needs_model=False,
+        takes_sampler=False,
+        summary="OpenCV Navier-Stokes inpainting (Bertalmio et al. 2001) of the artifact region",
+    ),
+    "latent": MethodSpec(
+        "lightning_modules.components.pipeline:_latent",
+        needs_model=True,
+        takes_sampler=True,
+        export="latent",
+        benchmark=f"{_BENCH}:LatentBench",
+        summary="the latent pipeline in --model, RePaint preset (the paper's method)",
+    ),
+    "latent-conditional": MethodSpec(
+        "lightning_modules.components.pipeline:_latent_conditional",
+        needs_model=True,
+        takes_sampler=True,
+        export="conditional",
+        benchmark=f"{_BENCH}:ConditionalBench",
+        summary="the mask-conditioned latent restorer (docs/METHOD.md section 9)",
+    ),
+    "latent-reference": MethodSpec(
+        "lightning_modules.components.pipeline:_latent_reference",
+        needs_model=True,
+        takes_sampler=True,
+        export="latent",
+        summary="a latent pipeline with the authors' reference preset (no paste-back)",
+    ),
+    "artifusion": MethodSpec(
+        "lightning_modules.components.artifusion:build_artifusion_restorer",
+        needs_model=True,
+        takes_sampler=True,
+        export="artifusion",
+        benchmark=f"{_BENCH}:ArtiFusionBench",
+        summary="the pixel-space ArtiFusion baseline (MICCAI 2023)",
+    ),
+    "cyclegan": MethodSpec(
+        "lightning_modules.baselines.cyclegan:_cyclegan",
+        needs_model=True,
+        takes_sampler=False,
+        export="cyclegan",
+        benchmark=f"{_BENCH}:CycleGANBench",
+        summary="whole-tile CycleGAN translation (artifact -> clean generator)",
+    ),
 }
 
 
-def register_restorer(name: str, *, needs_model: bool | None = None, takes_sampler: bool = False,
-                      summary: str = "") -> Callable:
+def register_restorer(
+    name: str, *, needs_model: bool | None = None, takes_sampler: bool = False, summary: str = ""
+) -> Callable:
     """Decorator adding a third-party restorer factory to :data:`METHODS` under ``name``.
 
     Args:

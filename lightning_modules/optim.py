@@ -44,11 +44,14 @@ class WarmupCosine(torch.optim.lr_scheduler.LambdaLR):
         ValueError: For non-positive ``total_steps``, negative ``warmup_steps`` or a fraction outside ``[0, 1]``.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 50,
-                 final_fraction: float = 0.05) -> None:
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 50, final_fraction: float = 0.05
+    ) -> None:
         if total_steps < 1 or warmup_steps < 0 or not 0.0 <= final_fraction <= 1.0:
-            raise ValueError(f"need total_steps >= 1, warmup_steps >= 0, 0 <= final_fraction <= 1; got "
-                             f"{total_steps}, {warmup_steps}, {final_fraction}")
+            raise ValueError(
+                f"need total_steps >= 1, warmup_steps >= 0, 0 <= final_fraction <= 1; got "
+                f"{total_steps}, {warmup_steps}, {final_fraction}"
+            )
         self.total_steps, self.warmup_steps, self.final_fraction = total_steps, warmup_steps, final_fraction
         super().__init__(optimizer, self.factor)
 

@@ -40,7 +40,6 @@ _LEARNED = ("learned_range",)
 _FIXED = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")
 
 
-
 class PixelDiffusionModule(DiffusionEMAHooks, LightningModule):
     """Unconditional pixel-space DDPM with a learned variance and the hybrid loss (ArtiFusion's recipe).
 
@@ -152,7 +151,6 @@ class PixelDiffusionModule(DiffusionEMAHooks, LightningModule):
             loss_ema = out["loss"]
         self.log("val/loss_ema", loss_ema, on_epoch=True, sync_dist=True, prog_bar=True, batch_size=size)
 
-
     # ---------------------------------------------------------------------------------------------------- export
 
     def export(self, path: str | Path, sampler: SamplerConfig | None = None, image_size: int | None = None) -> Path:
@@ -176,10 +174,19 @@ class PixelDiffusionModule(DiffusionEMAHooks, LightningModule):
         if image_size is None:
             image_size = int(getattr(getattr(net, "config", None), "sample_size", 256))
         sampler = sampler if sampler is not None else paper_sampler_config()
-        out = save_pipeline(path, unet=net, scheduler=self.noise_scheduler, sampler=sampler, image_size=image_size,
-                            extra={"method": "artifusion", "global_step": int(self.global_step)})
-        log.info("exported pixel pipeline to %s (%d network evaluations per tile)", out,
-                 RegionalSampler(self.noise_scheduler, sampler).expected_nfe())
+        out = save_pipeline(
+            path,
+            unet=net,
+            scheduler=self.noise_scheduler,
+            sampler=sampler,
+            image_size=image_size,
+            extra={"method": "artifusion", "global_step": int(self.global_step)},
+        )
+        log.info(
+            "exported pixel pipeline to %s (%d network evaluations per tile)",
+            out,
+            RegionalSampler(self.noise_scheduler, sampler).expected_nfe(),
+        )
         return out
 
     # ----------------------------------------------------------------------------------------------- optimisers
@@ -189,4 +196,3 @@ class PixelDiffusionModule(DiffusionEMAHooks, LightningModule):
         return configure_step_optimizers(
             self.denoiser.parameters(), self._optimizer_factory, self._lr_scheduler_factory
         )
-

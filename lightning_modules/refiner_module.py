@@ -77,22 +77,29 @@ class RefinerModule(LightningModule):
         net_config: Ignored on input; the network's architecture is stored under this name in the checkpoint.
     """
 
-    def __init__(self, net: PixelRefiner, optimizer: OptimizerCallable | None = None,
-                 lr_scheduler: LRSchedulerCallable | None = None, log_weight: float = 1.0, eps: float = 1e-4,
-                 gate_weight: float = 0.0, gate_window: int = 5, net_config: dict | None = None) -> None:
+    def __init__(
+        self,
+        net: PixelRefiner,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        log_weight: float = 1.0,
+        eps: float = 1e-4,
+        gate_weight: float = 0.0,
+        gate_window: int = 5,
+        net_config: dict | None = None,
+    ) -> None:
         super().__init__()
         if log_weight < 0 or eps <= 0:
             raise ValueError(f"log_weight must be >= 0 and eps > 0, got {log_weight}, {eps}")
         if gate_weight < 0 or gate_window < 1 or gate_window % 2 == 0:
-            raise ValueError(f"gate_weight must be >= 0 and gate_window an odd number >= 1, got {gate_weight}, "
-                             f"{gate_window}")
+            raise ValueError(
+                f"gate_weight must be >= 0 and gate_window an odd number >= 1, got {gate_weight}, {gate_window}"
+            )
         self.save_hyperparameters(ignore=["net", "optimizer", "lr_scheduler"])
         self.hparams["net_config"] = asdict(net.config)
         self.net = net
         self._optimizer_factory, self._scheduler_factory = optimizer, lr_scheduler
-        self.metrics = nn.ModuleDict({
-            f"{stage}_{name}": MeanMetric() for stage in STAGES for name in ("psnr", "gain")
-        })
+        self.metrics = nn.ModuleDict({f"{stage}_{name}": MeanMetric() for stage in STAGES for name in ("psnr", "gain")})
 
     def forward(self, corrupted: Tensor, coarse: Tensor, mask: Tensor) -> Tensor:
         """Refined tiles (B, 3, H, W), not clamped."""
@@ -113,8 +120,14 @@ class RefinerModule(LightningModule):
             target = best_candidate(candidates, clean, self.hparams.gate_window)
             gate = gate_cross_entropy(logits, target, mask).mean()
             loss = loss + self.hparams.gate_weight * gate
-            self.log(f"{stage}/gate_ce", gate, on_step=stage == "train", on_epoch=True, sync_dist=stage != "train",
-                     batch_size=n)
+            self.log(
+                f"{stage}/gate_ce",
+                gate,
+                on_step=stage == "train",
+                on_epoch=True,
+                sync_dist=stage != "train",
+                batch_size=n,
+            )
         with torch.no_grad():
             has = mask.flatten(1).amax(1) > 0
             psnr = artifact_psnr(masked_errors(refined.clamp(-1, 1), clean, mask)[1])[has]
@@ -122,12 +135,29 @@ class RefinerModule(LightningModule):
             if has.any():
                 self.metrics[f"{stage}_psnr"].update(psnr)
                 self.metrics[f"{stage}_gain"].update(psnr - coarse_psnr)
-        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, sync_dist=stage != "train",
-                 prog_bar=True, batch_size=n)
-        self.log(f"{stage}/artifact_psnr", self.metrics[f"{stage}_psnr"], on_step=False, on_epoch=True,
-                 prog_bar=stage == "val")
-        self.log(f"{stage}/artifact_psnr_gain", self.metrics[f"{stage}_gain"], on_step=False, on_epoch=True,
-                 prog_bar=stage == "val")
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_step=stage == "train",
+            on_epoch=True,
+            sync_dist=stage != "train",
+            prog_bar=True,
+            batch_size=n,
+        )
+        self.log(
+            f"{stage}/artifact_psnr",
+            self.metrics[f"{stage}_psnr"],
+            on_step=False,
+            on_epoch=True,
+            prog_bar=stage == "val",
+        )
+        self.log(
+            f"{stage}/artifact_psnr_gain",
+            self.metrics[f"{stage}_gain"],
+            on_step=False,
+            on_epoch=True,
+            prog_bar=stage == "val",
+        )
         return loss
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
@@ -145,16 +175,23 @@ class RefinerModule(LightningModule):
     def configure_optimizers(self) -> Any:
         """AdamW (or the injected optimiser) and the injected per-step LR schedule."""
         params = self.net.parameters()
-        opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2) if self._optimizer_factory is None \
+        opt = (
+            torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-2)
+            if self._optimizer_factory is None
             else self._optimizer_factory(params)
+        )
         if self._scheduler_factory is None:
             return opt
         return {"optimizer": opt, "lr_scheduler": {"scheduler": self._scheduler_factory(opt), "interval": "step"}}
 
     def export(self, path: str | Path, extra: dict | None = None) -> Path:
         """Write the network to a refiner folder (``load_refiner``; see ``attach_refiner`` for a pipeline)."""
-        facts = {"log_weight": self.hparams.log_weight, "gate_weight": self.hparams.gate_weight,
-                 "global_step": int(self.global_step), **(extra or {})}
+        facts = {
+            "log_weight": self.hparams.log_weight,
+            "gate_weight": self.hparams.gate_weight,
+            "global_step": int(self.global_step),
+            **(extra or {}),
+        }
         return save_refiner(self.net, path, facts)
 
     @classmethod
@@ -163,7 +200,10 @@ class RefinerModule(LightningModule):
         hp = torch.load(ckpt, map_location="cpu", weights_only=False)["hyper_parameters"]
         c = hp["net_config"]
         if "candidates" not in c:
-            raise ValueError(f"{ckpt} is a refiner checkpoint from before the candidate blend (format 1); retrain "
-                             "the refiner (`make demo` reruns that stage)")
-        return cls.load_from_checkpoint(ckpt, map_location="cpu", net=PixelRefiner(RefinerConfig.from_dict(c)),
-                                        weights_only=False)
+            raise ValueError(
+                f"{ckpt} is a refiner checkpoint from before the candidate blend (format 1); retrain "
+                "the refiner (`make demo` reruns that stage)"
+            )
+        return cls.load_from_checkpoint(
+            ckpt, map_location="cpu", net=PixelRefiner(RefinerConfig.from_dict(c)), weights_only=False
+        )

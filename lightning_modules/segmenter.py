@@ -78,19 +78,30 @@ class ArtifactSegmenterModule(LightningModule):
         net_config: Ignored on input; the network's architecture is stored under this name in the checkpoint.
     """
 
-    def __init__(self, net: ArtifactSegmenter, optimizer: OptimizerCallable | None = None, pos_weight: float = 2.0,
-                 dice_weight: float = 1.0, threshold: float = 0.5, cosine: bool = True,
-                 net_config: dict | None = None) -> None:
+    def __init__(
+        self,
+        net: ArtifactSegmenter,
+        optimizer: OptimizerCallable | None = None,
+        pos_weight: float = 2.0,
+        dice_weight: float = 1.0,
+        threshold: float = 0.5,
+        cosine: bool = True,
+        net_config: dict | None = None,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "optimizer"])
         self.hparams["net_config"] = asdict(net.config)  # rebuilds the architecture in load_for_export
         self.net = net
         self._optimizer_factory = optimizer
-        self.metrics = nn.ModuleDict({
-            f"{stage}_metrics": MetricCollection({"dice": BinaryF1Score(threshold=threshold),
-                                                  "iou": BinaryJaccardIndex(threshold=threshold)}, prefix=f"{stage}/")
-            for stage in STAGES
-        })
+        self.metrics = nn.ModuleDict(
+            {
+                f"{stage}_metrics": MetricCollection(
+                    {"dice": BinaryF1Score(threshold=threshold), "iou": BinaryJaccardIndex(threshold=threshold)},
+                    prefix=f"{stage}/",
+                )
+                for stage in STAGES
+            }
+        )
         self.per_type = nn.ModuleDict({f"{s}_metrics": DicePerType(threshold=threshold) for s in ("val", "test")})
 
     def forward(self, image: Tensor) -> Tensor:
@@ -114,8 +125,15 @@ class ArtifactSegmenterModule(LightningModule):
         metrics = self.metrics[f"{stage}_metrics"]
         metrics.update(probs, target.long())
         n = image.shape[0]
-        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, sync_dist=stage != "train",
-                 prog_bar=True, batch_size=n)
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_step=stage == "train",
+            on_epoch=True,
+            sync_dist=stage != "train",
+            prog_bar=True,
+            batch_size=n,
+        )
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val", batch_size=n)
         if f"{stage}_metrics" in self.per_type:
             types = batch.get("meta", {}).get("types", [""] * n)
@@ -152,8 +170,11 @@ class ArtifactSegmenterModule(LightningModule):
     def configure_optimizers(self) -> Any:
         """AdamW (or the injected optimiser), cosine decay per step when ``cosine``."""
         params = self.net.parameters()
-        opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4) if self._optimizer_factory is None \
+        opt = (
+            torch.optim.AdamW(params, lr=1e-3, weight_decay=1e-4)
+            if self._optimizer_factory is None
             else self._optimizer_factory(params)
+        )
         if not self.hparams.cosine:
             return opt
         steps = max(1, int(self.trainer.estimated_stepping_batches))
@@ -170,6 +191,11 @@ class ArtifactSegmenterModule(LightningModule):
         """Load a training checkpoint without its config: the architecture comes from the stored ``net_config``."""
         hp = torch.load(ckpt, map_location="cpu", weights_only=False)["hyper_parameters"]
         c = hp["net_config"]
-        config = SegmenterConfig(c["encoder"], tuple(c["out_indices"]), tuple(c["decoder_channels"]),
-                                 float(c["threshold"]), c.get("extra", {}))
+        config = SegmenterConfig(
+            c["encoder"],
+            tuple(c["out_indices"]),
+            tuple(c["decoder_channels"]),
+            float(c["threshold"]),
+            c.get("extra", {}),
+        )
         return cls.load_from_checkpoint(ckpt, map_location="cpu", net=ArtifactSegmenter(config), weights_only=False)

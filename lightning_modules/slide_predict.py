@@ -90,8 +90,9 @@ class TileStoreWriter(BasePredictionWriter):
         self.store, self.grid = store, plan.grid
         self.written = 0
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
-                           dataloader_idx) -> None:
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
+    ) -> None:
         """Store the batch's tiles (atomic per tile)."""
         for i, rgb in zip(prediction["index"].tolist(), prediction["tiles"], strict=True):
             _, _, w, h = self.grid.box(i)
@@ -99,9 +100,23 @@ class TileStoreWriter(BasePredictionWriter):
             self.written += 1
 
 
-def predict_tiles(restorer, source, mask, plan: TilePlan, store: TileStore, *, seed: int, overrides: dict,
-                  accelerator: str, devices: int, num_nodes: int, force: bool, progress: bool,
-                  num_workers: int = 0, root: Path | None = None) -> tuple[bool, int]:
+def predict_tiles(
+    restorer,
+    source,
+    mask,
+    plan: TilePlan,
+    store: TileStore,
+    *,
+    seed: int,
+    overrides: dict,
+    accelerator: str,
+    devices: int,
+    num_nodes: int,
+    force: bool,
+    progress: bool,
+    num_workers: int = 0,
+    root: Path | None = None,
+) -> tuple[bool, int]:
     """Restore the unfinished plan batches on ``devices`` x ``num_nodes`` processes (DDP when more than one).
 
     Returns:
@@ -109,9 +124,15 @@ def predict_tiles(restorer, source, mask, plan: TilePlan, store: TileStore, *, s
     """
     writer = TileStoreWriter(store, plan)
     trainer = L.Trainer(
-        accelerator=accelerator, devices=devices, num_nodes=num_nodes,
-        strategy="ddp" if devices * num_nodes > 1 else "auto", logger=False, enable_checkpointing=False,
-        enable_model_summary=False, enable_progress_bar=progress, callbacks=[writer],
+        accelerator=accelerator,
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy="ddp" if devices * num_nodes > 1 else "auto",
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=progress,
+        callbacks=[writer],
         default_root_dir=str(root) if root else None,
     )
     data = SlideTileDataModule(source, mask, plan, store, force=force, num_workers=num_workers)

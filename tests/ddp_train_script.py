@@ -44,8 +44,10 @@ def build(recipe: str, vae_dir: str):
     data = {"tile_size": 64, "stride": 64, "batch_size": 4, "num_workers": 0, "max_tiles": {"train": 16, "val": 4}}
     if recipe == "conditional":
         model = ConditionalLatentDiffusionModule(
-            denoiser=build_unet("tiny", sample_size=8, in_channels=9, out_channels=4), autoencoder=vae_dir,
-            ema_decay=0.9, optimizer=optimizer,
+            denoiser=build_unet("tiny", sample_size=8, in_channels=9, out_channels=4),
+            autoencoder=vae_dir,
+            ema_decay=0.9,
+            optimizer=optimizer,
         )
         return model, ArtifactRestorationDataModule(**data)
     if recipe == "latent":
@@ -80,8 +82,16 @@ def main(out: str, recipe: str = "latent") -> None:
     # CycleGAN's alternating G/D steps each leave the other networks unused (CycleGANModule.setup checks this)
     strategy = "ddp_find_unused_parameters_true" if recipe == "cyclegan" else "ddp"
     trainer = L.Trainer(
-        accelerator="cpu", strategy=strategy, devices=2, max_steps=3, max_epochs=4, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1,
+        accelerator="cpu",
+        strategy=strategy,
+        devices=2,
+        max_steps=3,
+        max_epochs=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=1,
         num_sanity_val_steps=0,
     )
     trainer.fit(model, datamodule=dm)
@@ -89,8 +99,11 @@ def main(out: str, recipe: str = "latent") -> None:
     record = {
         # BatchNorm running statistics are rank-local between forwards (DDP broadcasts rank 0's at the start of the
         # next forward), so after the last step they legitimately differ; everything else must be identical
-        "state": {k: v.detach().cpu() for k, v in model.state_dict().items()
-                  if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))},
+        "state": {
+            k: v.detach().cpu()
+            for k, v in model.state_dict().items()
+            if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+        },
         "batch_size_per_device": dm.batch_size_per_device,
         "global_step": trainer.global_step,
         "world_size": trainer.world_size,

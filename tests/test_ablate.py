@@ -175,8 +175,9 @@ def test_tiny_robustness_run_writes_report_and_resumes(untrained, tmp_path, monk
     models, evalsets = untrained
     models = {"latent-conditional": models["latent-conditional"]}  # latent: skipped with a note (keeps it fast)
     suite = load_suite("robustness")
-    opts = ablate.RunOptions(rows=("dilate-4", "blobs-3"), batch_size=2, precision="fp32", progress=False,
-                             untrained=True)
+    opts = ablate.RunOptions(
+        rows=("dilate-4", "blobs-3"), batch_size=2, precision="fp32", progress=False, untrained=True
+    )
     report = ablate.run_suite(suite, tmp_path, quick=True, models=models, evalsets=evalsets, options=opts)
     text = report.read_text()
     assert "untrained" in text and "Δ artifact/psnr" in text and "dilate-4" in text
@@ -195,18 +196,31 @@ def test_tiny_robustness_run_writes_report_and_resumes(untrained, tmp_path, monk
     monkeypatch.setattr(ablate, "run_row", lambda *a, **k: calls.append(a) or ([], []))
     ablate.run_suite(suite, tmp_path, quick=True, models=models, evalsets=evalsets, options=opts)
     assert calls == [] and stamps == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "rows").iterdir()}
-    ablate.run_suite(suite, tmp_path, quick=True, models=models, evalsets=evalsets,
-                     options=dataclasses.replace(opts, seed=1, rows=("dilate-4",)))
+    ablate.run_suite(
+        suite,
+        tmp_path,
+        quick=True,
+        models=models,
+        evalsets=evalsets,
+        options=dataclasses.replace(opts, seed=1, rows=("dilate-4",)),
+    )
     assert len(calls) == 2, "other settings: the row and its reference run again"
 
 
 def test_tiny_sampler_run_skips_what_does_not_apply(untrained, tmp_path):
     models, evalsets = untrained
     suite = load_suite("sampler")
-    opts = ablate.RunOptions(rows=("steps-4", "decode-full", "refine-true"), batch_size=2, precision="fp32",
-                             progress=False)
-    report = ablate.run_suite(suite, tmp_path, quick=True, models={"latent-conditional": models["latent-conditional"]},
-                              evalsets=evalsets, options=opts)
+    opts = ablate.RunOptions(
+        rows=("steps-4", "decode-full", "refine-true"), batch_size=2, precision="fp32", progress=False
+    )
+    report = ablate.run_suite(
+        suite,
+        tmp_path,
+        quick=True,
+        models={"latent-conditional": models["latent-conditional"]},
+        evalsets=evalsets,
+        options=opts,
+    )
     text = report.read_text()
     assert "latent skipped (no model" in text
     refine = next(r for r in suite.rows if r.name == "refine-true")

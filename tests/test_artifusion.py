@@ -89,8 +89,9 @@ def test_time_token_is_the_timestep_path():
     assert not torch.allclose(a, b, atol=1e-5)
     # Gradient reaches every block's time projection: the token is appended to the windows of every block.
     model(x, 500).sample.square().mean().backward()
-    projections = [m.time_proj[1] for m in model.modules() if isinstance(getattr(m, "time_proj", None),
-                                                                        torch.nn.Sequential)]
+    projections = [
+        m.time_proj[1] for m in model.modules() if isinstance(getattr(m, "time_proj", None), torch.nn.Sequential)
+    ]
     assert len(projections) == 3  # tiny: encoder 1 + 1 blocks, decoder 1 block
     assert all(p.weight.grad is not None and p.weight.grad.abs().sum() > 0 for p in projections)
     # With every projection zeroed the time token carries nothing: the output no longer depends on t.
@@ -182,9 +183,16 @@ def test_vlb_is_finite_nonnegative_and_trains_only_the_variance():
 def test_training_step_changes_weights_moves_ema_and_logs(tiny_module, tmp_path):
     before = {k: v.clone() for k, v in tiny_module.denoiser.state_dict().items()}
     ema_before = {k: v.clone() for k, v in tiny_module.denoiser_ema.module.state_dict().items()}
-    trainer = Trainer(max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
-                      default_root_dir=tmp_path)
+    trainer = Trainer(
+        max_steps=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        default_root_dir=tmp_path,
+    )
     data = TinyTileDataModule(batch_size=2, n_train=4, n_val=2, size=32)
     trainer.fit(tiny_module, datamodule=data)
     assert trainer.global_step == 1
@@ -196,8 +204,14 @@ def test_training_step_changes_weights_moves_ema_and_logs(tiny_module, tmp_path)
     metrics = trainer.callback_metrics
     assert {"train/loss", "train/mse", "train/vlb"} <= set(metrics)
     assert torch.isfinite(metrics["train/loss"]) and metrics["train/vlb"] >= 0
-    validator = Trainer(limit_val_batches=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        accelerator="cpu", default_root_dir=tmp_path)
+    validator = Trainer(
+        limit_val_batches=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        default_root_dir=tmp_path,
+    )
     (logged,) = validator.validate(tiny_module, datamodule=data, verbose=False)
     assert {"val/loss", "val/mse", "val/vlb", "val/loss_ema"} <= set(logged)
     assert all(math.isfinite(value) for value in logged.values())
@@ -216,14 +230,38 @@ def test_module_rejects_bad_settings():
 
 
 def test_cli_tiny_fast_dev_run_and_paper_cpu_configs_parse(tmp_path):
-    cli = cli_main(["fit", "--config", f"{CONFIGS}/base.yaml", "--config", f"{CONFIGS}/model/artifusion_tiny.yaml",
-                    "--data.class_path", "tests.tiny_data.TinyTileDataModule", "--data.init_args.size", "32",
-                    "--trainer.fast_dev_run=1", "--trainer.default_root_dir", str(tmp_path)])
+    cli = cli_main(
+        [
+            "fit",
+            "--config",
+            f"{CONFIGS}/base.yaml",
+            "--config",
+            f"{CONFIGS}/model/artifusion_tiny.yaml",
+            "--data.class_path",
+            "tests.tiny_data.TinyTileDataModule",
+            "--data.init_args.size",
+            "32",
+            "--trainer.fast_dev_run=1",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ]
+    )
     assert cli.trainer.global_step == 1 and isinstance(cli.model.denoiser, SwinUNetDenoiser)
     for name, embed in (("artifusion_paper", 96), ("artifusion_cpu", 48)):
-        cli = cli_main(["--config", f"{CONFIGS}/base.yaml", "--config", f"{CONFIGS}/model/{name}.yaml",
-                        "--data.class_path", "tests.tiny_data.TinyTileDataModule", "--trainer.logger=false",
-                        "--trainer.default_root_dir", str(tmp_path)], run=False)
+        cli = cli_main(
+            [
+                "--config",
+                f"{CONFIGS}/base.yaml",
+                "--config",
+                f"{CONFIGS}/model/{name}.yaml",
+                "--data.class_path",
+                "tests.tiny_data.TinyTileDataModule",
+                "--trainer.logger=false",
+                "--trainer.default_root_dir",
+                str(tmp_path),
+            ],
+            run=False,
+        )
         assert cli.model.denoiser.config.embed_dim == embed
         assert cli.model.noise_scheduler.config.num_train_timesteps == 4000
         assert cli.model.noise_scheduler.config.beta_end == pytest.approx(0.005)
@@ -243,8 +281,16 @@ def test_export_round_trip_gives_identical_restorations(tiny_module, tmp_path):
     out = pipe.restore(corrupted, mask, generator=torch.Generator().manual_seed(3))
     sampler = RegionalSampler(build_scheduler("ddpm", dict(tiny_module.noise_scheduler.config)), QUICK)
     ident = lambda x: x  # noqa: E731
-    direct = restore(ident, ident, sampler, tiny_module.sampling_denoiser(), corrupted, mask, factor=1,
-                     generator=torch.Generator().manual_seed(3))
+    direct = restore(
+        ident,
+        ident,
+        sampler,
+        tiny_module.sampling_denoiser(),
+        corrupted,
+        mask,
+        factor=1,
+        generator=torch.Generator().manual_seed(3),
+    )
     assert torch.equal(out, direct)
     assert pipe.nfe == sampler.expected_nfe() == 4 + 1 * 1 * 2
     keep = ~mask.bool().expand_as(corrupted)
@@ -259,8 +305,13 @@ def test_artifusion_restorer_errors(tmp_path):
 
     with pytest.raises(ValueError, match="needs --model"):
         build_restorer("artifusion")
-    latent = save_pipeline(tmp_path / "latent", unet=build_unet("tiny", sample_size=8),
-                           scheduler=DDPMScheduler(), sampler=SamplerConfig(), vae=build_autoencoder("tiny"))
+    latent = save_pipeline(
+        tmp_path / "latent",
+        unet=build_unet("tiny", sample_size=8),
+        scheduler=DDPMScheduler(),
+        sampler=SamplerConfig(),
+        vae=build_autoencoder("tiny"),
+    )
     with pytest.raises(ValueError, match="latent pipeline"):
         build_restorer("artifusion", model=str(latent))
 

@@ -48,9 +48,14 @@ def pipeline_dir(tmp_path_factory):
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("pipe") / "pipeline"
-    save_pipeline(path, unet=build_unet("tiny", sample_size=SIZE // 8), scheduler=DDPMScheduler(**PAPER_SCHEDULER),
-                  sampler=SamplerConfig.from_preset("repaint", num_steps=2), vae=build_autoencoder("tiny"),
-                  image_size=SIZE)
+    save_pipeline(
+        path,
+        unet=build_unet("tiny", sample_size=SIZE // 8),
+        scheduler=DDPMScheduler(**PAPER_SCHEDULER),
+        sampler=SamplerConfig.from_preset("repaint", num_steps=2),
+        vae=build_autoencoder("tiny"),
+        image_size=SIZE,
+    )
     return path
 
 
@@ -89,8 +94,19 @@ def _one_line_error(err, *needles):
 
 
 def _restore_argv(root, out=None, method="telea", *extra):
-    return ["--method", method, "--images", root / "images", "--masks", root / "masks",
-            "--out", out or root / "out", "--device", "cpu", *extra]
+    return [
+        "--method",
+        method,
+        "--images",
+        root / "images",
+        "--masks",
+        root / "masks",
+        "--out",
+        out or root / "out",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 @pytest.fixture
@@ -147,8 +163,20 @@ def test_odd_image_files(tmp_path, he_tiles, capsys, kind):
     assert _snapshot(tmp_path / "images", tmp_path / "masks") == before, "inputs are never modified"
 
     # evaluate: the odd file as a clean reference next to a good one
-    rc, out, _ = _run(evaluate, ["--clean", tmp_path / "images", "--masks", tmp_path / "masks", "--restored",
-                                 f"telea={tmp_path / 'out'}", "--out", tmp_path / "eval"], capsys)
+    rc, out, _ = _run(
+        evaluate,
+        [
+            "--clean",
+            tmp_path / "images",
+            "--masks",
+            tmp_path / "masks",
+            "--restored",
+            f"telea={tmp_path / 'out'}",
+            "--out",
+            tmp_path / "eval",
+        ],
+        capsys,
+    )
     assert rc == 0 and (tmp_path / "eval" / "report.md").exists()
     scored = {r["image"] for r in csv.DictReader((tmp_path / "eval" / "metrics.csv").open())}
     assert scored == ({"good"} if unreadable else {"good", "odd"})
@@ -159,8 +187,11 @@ def test_odd_image_files(tmp_path, he_tiles, capsys, kind):
     src = tmp_path / "src"
     write_image_atomic(src / "good.png", _crop(he_tiles, 2, 64, 64))
     _odd_file(src / "odd.png", kind, _crop(he_tiles, 3, 64, 64))
-    rc, _, _ = _run(synthesize, ["--images", src, "--count", 2, "--size", SIZE, "--min-tissue", 0,
-                                 "--out", tmp_path / "evalset"], capsys)
+    rc, _, _ = _run(
+        synthesize,
+        ["--images", src, "--count", 2, "--size", SIZE, "--min-tissue", 0, "--out", tmp_path / "evalset"],
+        capsys,
+    )
     assert rc == 0 and len(list((tmp_path / "evalset" / "masks").iterdir())) == 2
 
 
@@ -192,8 +223,20 @@ def test_odd_masks(tmp_path, he_tiles, capsys, kind):
         assert np.array_equal(read_image(tmp_path / "out" / "x.png"), other), "nothing to restore: output = input"
     elif kind == "zero_one":
         assert not np.array_equal(read_image(tmp_path / "out" / "x.png")[_box()], other[_box()])
-    rc, out, _ = _run(evaluate, ["--clean", tmp_path / "images", "--masks", tmp_path / "masks", "--restored",
-                                 f"t={tmp_path / 'out'}", "--out", tmp_path / "eval"], capsys)
+    rc, out, _ = _run(
+        evaluate,
+        [
+            "--clean",
+            tmp_path / "images",
+            "--masks",
+            tmp_path / "masks",
+            "--restored",
+            f"t={tmp_path / 'out'}",
+            "--out",
+            tmp_path / "eval",
+        ],
+        capsys,
+    )
     assert rc == 0
     scored = {r["image"] for r in csv.DictReader((tmp_path / "eval" / "metrics.csv").open())}
     assert scored == ({"good"} if rejected else {"good", "x"})
@@ -210,8 +253,20 @@ def test_unmatched_names(tmp_path, he_tiles, capsys):
     assert rc == 0 and sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["good.png"]
     assert "no mask orphan.*" in out and "mask without an image lonely.*" in out
     assert "orphan.png" in (tmp_path / "out" / "skipped.tsv").read_text()
-    rc, out, _ = _run(evaluate, ["--clean", tmp_path / "images", "--masks", tmp_path / "masks", "--restored",
-                                 f"t={tmp_path / 'out'}", "--out", tmp_path / "eval"], capsys)
+    rc, out, _ = _run(
+        evaluate,
+        [
+            "--clean",
+            tmp_path / "images",
+            "--masks",
+            tmp_path / "masks",
+            "--restored",
+            f"t={tmp_path / 'out'}",
+            "--out",
+            tmp_path / "eval",
+        ],
+        capsys,
+    )
     assert rc == 0 and "scored 1 of 1 images" in out
     assert "no mask orphan.*" in out and "no clean image lonely.*" in out
     (tmp_path / "images" / "good.png").unlink()
@@ -226,21 +281,48 @@ def test_empty_and_missing_folders(tmp_path, he_tiles, capsys, no_model):
     rc, _, err = _run(restore, _restore_argv(tmp_path), capsys)
     assert rc == 1
     _one_line_error(err, "nothing to restore", "holds no images")
-    rc, _, err = _run(restore, ["--images", tmp_path / "nope", "--masks", tmp_path / "masks", "--out",
-                                tmp_path / "o", "--method", "telea"], capsys)
+    rc, _, err = _run(
+        restore,
+        ["--images", tmp_path / "nope", "--masks", tmp_path / "masks", "--out", tmp_path / "o", "--method", "telea"],
+        capsys,
+    )
     assert rc == 2
     _one_line_error(err, "--images", "nope", "does not exist")
     assert not (tmp_path / "o").exists()
     # evaluate with an empty restored folder: no 'scored 6 images', no empty metrics.csv, exit 1
     _pair(tmp_path, "a", _crop(he_tiles, 0), _box())
     (tmp_path / "empty").mkdir()
-    rc, out, err = _run(evaluate, ["--clean", tmp_path / "images", "--masks", tmp_path / "masks", "--restored",
-                                   f"mine={tmp_path / 'empty'}", "--out", tmp_path / "eval"], capsys)
+    rc, out, err = _run(
+        evaluate,
+        [
+            "--clean",
+            tmp_path / "images",
+            "--masks",
+            tmp_path / "masks",
+            "--restored",
+            f"mine={tmp_path / 'empty'}",
+            "--out",
+            tmp_path / "eval",
+        ],
+        capsys,
+    )
     assert rc == 1 and not (tmp_path / "eval" / "metrics.csv").exists()
     _one_line_error(err, "nothing scored")
     assert "1 of 1 restored file(s) missing" in out
-    rc, _, err = _run(evaluate, ["--clean", tmp_path / "nope", "--masks", tmp_path / "masks", "--restored",
-                                 f"m={tmp_path / 'empty'}", "--out", tmp_path / "eval"], capsys)
+    rc, _, err = _run(
+        evaluate,
+        [
+            "--clean",
+            tmp_path / "nope",
+            "--masks",
+            tmp_path / "masks",
+            "--restored",
+            f"m={tmp_path / 'empty'}",
+            "--out",
+            tmp_path / "eval",
+        ],
+        capsys,
+    )
     assert rc == 2
     _one_line_error(err, "--clean", "does not exist")
     # synthesize on an empty or missing folder
@@ -263,13 +345,28 @@ def test_odd_names(tmp_path, he_tiles, capsys):
     rc, out, _ = _run(restore, _restore_argv(tmp_path), capsys)
     assert rc == 0 and "0 skipped" in out
     assert sorted(p.stem for p in (tmp_path / "out").glob("*.png")) == sorted(ODD_NAMES)
-    rc, out, err = _run(evaluate, ["--clean", tmp_path / "images", "--masks", tmp_path / "masks", "--restored",
-                                   f"t={tmp_path / 'out'}", "--out", tmp_path / "eval"], capsys)
+    rc, out, err = _run(
+        evaluate,
+        [
+            "--clean",
+            tmp_path / "images",
+            "--masks",
+            tmp_path / "masks",
+            "--restored",
+            f"t={tmp_path / 'out'}",
+            "--out",
+            tmp_path / "eval",
+        ],
+        capsys,
+    )
     assert rc == 0, err
     assert {r["image"] for r in csv.DictReader((tmp_path / "eval" / "metrics.csv").open())} == set(ODD_NAMES)
     assert (tmp_path / "eval" / "grid.png").stat().st_size > 0
-    rc, _, _ = _run(synthesize, ["--images", tmp_path / "images", "--count", 3, "--size", SIZE, "--min-tissue", 0,
-                                 "--out", tmp_path / "s"], capsys)
+    rc, _, _ = _run(
+        synthesize,
+        ["--images", tmp_path / "images", "--count", 3, "--size", SIZE, "--min-tissue", 0, "--out", tmp_path / "s"],
+        capsys,
+    )
     assert rc == 0
 
 
@@ -312,8 +409,20 @@ def test_unwritable_outputs(tmp_path, he_tiles, capsys, no_model, monkeypatch):
         rc, _, err = _run(restore, _restore_argv(tmp_path, out), capsys)
         assert rc == 2
         _one_line_error(err, "--out", needle)
-        rc, _, err = _run(evaluate, ["--clean", tmp_path / "images", "--masks", tmp_path / "masks", "--restored",
-                                     f"m={tmp_path / 'images'}", "--out", out], capsys)
+        rc, _, err = _run(
+            evaluate,
+            [
+                "--clean",
+                tmp_path / "images",
+                "--masks",
+                tmp_path / "masks",
+                "--restored",
+                f"m={tmp_path / 'images'}",
+                "--out",
+                out,
+            ],
+            capsys,
+        )
         assert rc == 2
         _one_line_error(err, "--out", needle)
         rc, _, err = _run(synthesize, ["--bundled", "--out", out], capsys)
@@ -378,22 +487,36 @@ NONSENSE = [
 def test_nonsense_flags_fail_before_any_model(tmp_path, he_tiles, capsys, no_model, monkeypatch, extra, needle):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     _pair(tmp_path, "a", _crop(he_tiles, 0), _box())
-    argv = ["--images", tmp_path / "images", "--masks", tmp_path / "masks", "--out", tmp_path / "out",
-            "--device", "cpu", "--method", "telea", *extra]
+    argv = [
+        "--images",
+        tmp_path / "images",
+        "--masks",
+        tmp_path / "masks",
+        "--out",
+        tmp_path / "out",
+        "--device",
+        "cpu",
+        "--method",
+        "telea",
+        *extra,
+    ]
     rc, _, err = _run(restore, argv, capsys)
     assert rc == 2
     _one_line_error(err, needle)
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize(("extra", "needle"), [
-    (["--batch-size", "0"], "--batch-size must be >= 1"),
-    (["--steps", "-3"], "--steps must be >= 1"),
-    (["--device", "cuda"], "no CUDA GPU"),
-    (["--methods", "identity,nope"], "unknown method(s) nope; choose from"),
-    (["--methods", "identity,identity"], "listed twice"),
-    (["--methods", "latent"], "latent needs a model folder"),
-])
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--batch-size", "0"], "--batch-size must be >= 1"),
+        (["--steps", "-3"], "--steps must be >= 1"),
+        (["--device", "cuda"], "no CUDA GPU"),
+        (["--methods", "identity,nope"], "unknown method(s) nope; choose from"),
+        (["--methods", "identity,identity"], "listed twice"),
+        (["--methods", "latent"], "latent needs a model folder"),
+    ],
+)
 def test_evaluate_nonsense_flags(tmp_path, he_tiles, capsys, no_model, monkeypatch, extra, needle):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for sub in ("clean", "corrupted"):
@@ -407,9 +530,11 @@ def test_evaluate_nonsense_flags(tmp_path, he_tiles, capsys, no_model, monkeypat
 
 
 def test_unknown_flags_and_repeated_names(tmp_path, he_tiles, capsys):
-    for module, argv in ((restore, ["--images", "x", "--masks", "y", "--out", "z", "--frobnicate"]),
-                         (evaluate, ["--out", "z", "--frobnicate"]),
-                         (synthesize, ["--bundled", "--out", "z", "--frobnicate"])):
+    for module, argv in (
+        (restore, ["--images", "x", "--masks", "y", "--out", "z", "--frobnicate"]),
+        (evaluate, ["--out", "z", "--frobnicate"]),
+        (synthesize, ["--bundled", "--out", "z", "--frobnicate"]),
+    ):
         with pytest.raises(SystemExit) as info:
             module.main(argv)
         assert info.value.code == 2 and "unrecognized arguments: --frobnicate" in capsys.readouterr().err
@@ -461,8 +586,11 @@ def test_synthesize_warns_about_dropped_small_images(tmp_path, he_tiles, capsys,
     write_image_atomic(tmp_path / "src" / "big.png", _crop(he_tiles, 0, 64, 64))
     write_image_atomic(tmp_path / "src" / "small.png", _crop(he_tiles, 1, 20, 24))
     with caplog.at_level("WARNING", logger="datamodules.synthesize"):
-        rc, _, _ = _run(synthesize, ["--images", tmp_path / "src", "--count", 2, "--size", SIZE, "--min-tissue", 0,
-                                     "--out", tmp_path / "s"], capsys)
+        rc, _, _ = _run(
+            synthesize,
+            ["--images", tmp_path / "src", "--count", 2, "--size", SIZE, "--min-tissue", 0, "--out", tmp_path / "s"],
+            capsys,
+        )
     assert rc == 0
     assert "small.png (24x20)" in caplog.text and "smaller than --size 32" in caplog.text
 
@@ -482,8 +610,11 @@ def _latent_set(root, he_tiles):
 
 def test_odd_huge_and_tiny_tiles_through_a_latent_pipeline(tmp_path, he_tiles, capsys, pipeline_dir):
     imgs = _latent_set(tmp_path, he_tiles)
-    rc, out, _ = _run(restore, _restore_argv(tmp_path, None, "latent", "--model", pipeline_dir, "--steps", 1,
-                                             "--batch-size", 2), capsys)
+    rc, out, _ = _run(
+        restore,
+        _restore_argv(tmp_path, None, "latent", "--model", pipeline_dir, "--steps", 1, "--batch-size", 2),
+        capsys,
+    )
     assert rc == 0
     assert "reflect-padded to multiples of 16 px" in out and "restored in 32 px windows" in out
     line = next(ln for ln in out.splitlines() if "d_tiny" in ln)
@@ -506,8 +637,18 @@ def test_evaluate_data_with_an_odd_tile_first_writes_the_report(tmp_path, he_til
         write_image_atomic(data / "clean" / f"{name}.png", img)
         write_image_atomic(data / "corrupted" / f"{name}.png", img)
         write_mask_atomic(data / "masks" / f"{name}.png", _box(h, w))
-    argv = ["--data", data, "--methods", "identity,latent", "--model", pipeline_dir, "--steps", 1,
-            "--out", tmp_path / "eval"]
+    argv = [
+        "--data",
+        data,
+        "--methods",
+        "identity,latent",
+        "--model",
+        pipeline_dir,
+        "--steps",
+        1,
+        "--out",
+        tmp_path / "eval",
+    ]
     rc, out, err = _run(evaluate, argv, capsys)
     assert rc == 0, err
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
@@ -570,8 +711,12 @@ def test_rerun_with_other_settings_and_damaged_outputs(tmp_path, he_tiles, capsy
     argv = _restore_argv(tmp_path, out, "latent", "--model", pipeline_dir, "--steps", 1)
     assert _run(restore, argv, capsys)[0] == 0
     first = _snapshot(out)
-    for extra, needle in ((["--steps", 2], "sampler.steps 1 -> 2"), (["--seed", 1], "seed 0 -> 1"),
-                          (["--mask-convention", "keep"], "mask_convention"), (["--batch-size", 3], "batch_size")):
+    for extra, needle in (
+        (["--steps", 2], "sampler.steps 1 -> 2"),
+        (["--seed", 1], "seed 0 -> 1"),
+        (["--mask-convention", "keep"], "mask_convention"),
+        (["--batch-size", 3], "batch_size"),
+    ):
         rc, _, err = _run(restore, [*argv, *extra], capsys)
         assert rc == 2
         _one_line_error(err, "other settings", needle, "new --out", "--force")
@@ -607,19 +752,26 @@ def test_damaged_pipeline_folder(tmp_path, he_tiles, capsys, pipeline_dir):
         return pipe
 
     cases = [
-        (damaged("json", lambda p: (p / "pipeline.json").write_text('{"kind": "latent", ')),
-         ["pipeline.json is not valid JSON", "re-export"]),
+        (
+            damaged("json", lambda p: (p / "pipeline.json").write_text('{"kind": "latent", ')),
+            ["pipeline.json is not valid JSON", "re-export"],
+        ),
         (damaged("nojson", lambda p: (p / "pipeline.json").unlink()), ["no pipeline.json"]),
-        (damaged("weights", lambda p: [f.unlink() for f in (p / "unet").glob("*.safetensors")]),
-         ["unet: cannot load", "re-export"]),
-        (damaged("truncated", lambda p: [f.write_bytes(f.read_bytes()[:200]) for f in (p / "vae").glob("*.safet*")]),
-         ["vae: cannot load"]),
+        (
+            damaged("weights", lambda p: [f.unlink() for f in (p / "unet").glob("*.safetensors")]),
+            ["unet: cannot load", "re-export"],
+        ),
+        (
+            damaged("truncated", lambda p: [f.write_bytes(f.read_bytes()[:200]) for f in (p / "vae").glob("*.safet*")]),
+            ["vae: cannot load"],
+        ),
         (damaged("novae", lambda p: shutil.rmtree(p / "vae")), ["vae is missing"]),
         (tmp_path / "missing", ["--model", "is not a folder"]),
     ]
     for pipe, needles in cases:
-        rc, _, err = _run(restore, _restore_argv(tmp_path, tmp_path / f"out_{pipe.name}", "latent", "--model", pipe),
-                          capsys)
+        rc, _, err = _run(
+            restore, _restore_argv(tmp_path, tmp_path / f"out_{pipe.name}", "latent", "--model", pipe), capsys
+        )
         assert rc in (1, 2), err
         _one_line_error(err, *needles)
         assert not list((tmp_path / f"out_{pipe.name}").glob("*.png"))
@@ -627,23 +779,37 @@ def test_damaged_pipeline_folder(tmp_path, he_tiles, capsys, pipeline_dir):
     for sub in ("clean", "corrupted"):
         write_image_atomic(data / sub / "a.png", _crop(he_tiles, 0))
     write_mask_atomic(data / "masks" / "a.png", _box())
-    rc, _, err = _run(evaluate, ["--data", data, "--methods", "latent", "--model", cases[0][0],
-                                 "--out", tmp_path / "eval"], capsys)
+    rc, _, err = _run(
+        evaluate, ["--data", data, "--methods", "latent", "--model", cases[0][0], "--out", tmp_path / "eval"], capsys
+    )
     assert rc == 1
     _one_line_error(err, "pipeline.json is not valid JSON")
     with pytest.raises(ValueError, match="not valid JSON"):
-        restore.main([str(a) for a in _restore_argv(tmp_path, tmp_path / "dbg", "latent", "--model", cases[0][0],
-                                                    "--debug")])
+        restore.main(
+            [str(a) for a in _restore_argv(tmp_path, tmp_path / "dbg", "latent", "--model", cases[0][0], "--debug")]
+        )
 
 
 def test_bad_training_config_is_one_line(tmp_path, capsys):
     from experiments import train
 
-    rc = train.main(["fit", "--config", "experiments/configs/base.yaml",
-                     "--config", "experiments/configs/model/vae_cpu.yaml",
-                     "--config", "experiments/configs/data/bundled.yaml",
-                     "--data.init_args.sources", str(tmp_path / "nope"), "--trainer.fast_dev_run=1",
-                     "--trainer.logger=false", "--trainer.default_root_dir", str(tmp_path)])
+    rc = train.main(
+        [
+            "fit",
+            "--config",
+            "experiments/configs/base.yaml",
+            "--config",
+            "experiments/configs/model/vae_cpu.yaml",
+            "--config",
+            "experiments/configs/data/bundled.yaml",
+            "--data.init_args.sources",
+            str(tmp_path / "nope"),
+            "--trainer.fast_dev_run=1",
+            "--trainer.logger=false",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ]
+    )
     assert rc == 1
     _one_line_error(capsys.readouterr().err, "data source", "nope", "does not exist")
 
@@ -659,9 +825,13 @@ def test_pixel_pipeline_and_cyclegan_take_odd_sizes(tmp_path, he_tiles, capsys):
     from lightning_modules.components.swin_unet import build_swin_unet
 
     torch.manual_seed(0)
-    save_pipeline(tmp_path / "pixel", unet=build_swin_unet("tiny"), image_size=SIZE,
-                  scheduler=DDPMScheduler(**artifusion_scheduler_config(100)),
-                  sampler=SamplerConfig.from_preset("repaint", num_steps=1))
+    save_pipeline(
+        tmp_path / "pixel",
+        unet=build_swin_unet("tiny"),
+        image_size=SIZE,
+        scheduler=DDPMScheduler(**artifusion_scheduler_config(100)),
+        sampler=SamplerConfig.from_preset("repaint", num_steps=1),
+    )
     ResnetGenerator(ngf=8, n_blocks=1).save_pretrained(tmp_path / "gan")
     imgs = {"odd": _crop(he_tiles, 0, 20, 30), "big": _crop(he_tiles, 1, 40, 36)}
     for name, img in imgs.items():

@@ -13,12 +13,38 @@ from experiments import benchmark
 from experiments.benchmarking.methods import available_methods
 from lightning_modules.conditional_latent import CONDITIONAL_SAMPLER
 
-TINY = ["--config", "tiny", "--batch-sizes", "1", "--precision", "fp32", "--max-seconds", "0.02", "--warmup", "1",
-        "--threads", "1", "--peak-size", "256", "--train-batch", "2"]
+TINY = [
+    "--config",
+    "tiny",
+    "--batch-sizes",
+    "1",
+    "--precision",
+    "fp32",
+    "--max-seconds",
+    "0.02",
+    "--warmup",
+    "1",
+    "--threads",
+    "1",
+    "--peak-size",
+    "256",
+    "--train-batch",
+    "2",
+]
 EXPECTED_NFE = {"latent": 50, "latent-conditional": CONDITIONAL_SAMPLER["num_steps"], "artifusion": 2410, "cyclegan": 1}
 LATENT_METHODS = ("latent", "latent-conditional")
-RESTORE_KEYS = {"method", "config", "precision", "batch_size", "seconds_per_tile", "nfe", "measured_or_extrapolated",
-                "flops_per_tile", "utilisation", "device"}
+RESTORE_KEYS = {
+    "method",
+    "config",
+    "precision",
+    "batch_size",
+    "seconds_per_tile",
+    "nfe",
+    "measured_or_extrapolated",
+    "flops_per_tile",
+    "utilisation",
+    "device",
+}
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +115,8 @@ def test_ratio_training_and_tables(run):
     if "artifusion" in restore:
         (ratio,) = ratios
         assert ratio["ratio"] == pytest.approx(
-            restore["artifusion"]["seconds_per_tile"] / restore["latent"]["seconds_per_tile"])
+            restore["artifusion"]["seconds_per_tile"] / restore["latent"]["seconds_per_tile"]
+        )
     training = [r for r in records if r["record"] == "training"]
     for method in LATENT_METHODS:
         own = [r for r in training if r["method"] == method]

@@ -121,15 +121,17 @@ def test_imagefolder_unknown_test_class_and_unreadable_file(tmp_path, he_templat
     _write_class_folders(train, he_templates)
     (train / "TUM" / "truncated.png").write_bytes((train / "TUM" / "TUM_0.png").read_bytes()[:100])
     _write_class_folders(test, he_templates, classes=("ADI", "TUM", "XYZ"), per_class=2)
-    dm = ImageFolderClassificationDataModule(str(train), root_test=str(test), image_size=32, batch_size=2,
-                                             val_fraction=0.25, num_workers=0)
+    dm = ImageFolderClassificationDataModule(
+        str(train), root_test=str(test), image_size=32, batch_size=2, val_fraction=0.25, num_workers=0
+    )
     with pytest.raises(ValueError, match=r"\['XYZ'\] are unknown to the classifier.*\['ADI', 'TUM'\]"):
         dm.setup()
     (test / "XYZ" / "XYZ_0.png").unlink()
     (test / "XYZ" / "XYZ_1.png").unlink()
     (test / "XYZ").rmdir()
-    dm = ImageFolderClassificationDataModule(str(train), root_test=str(test), image_size=32, batch_size=2,
-                                             val_fraction=0.25, num_workers=0)
+    dm = ImageFolderClassificationDataModule(
+        str(train), root_test=str(test), image_size=32, batch_size=2, val_fraction=0.25, num_workers=0
+    )
     dm.setup()
     assert [p.name for p, _ in dm.skipped] == ["truncated.png"]
     assert len(dm.datasets["train"]) + len(dm.datasets["val"]) == 8 and len(dm.datasets["val"]) == 2
@@ -184,15 +186,23 @@ def test_fit_logs_val_metrics_and_reloads(tmp_path, he_templates):
     from lightning_modules.classifier import TissueClassifierModule
 
     _write_class_folders(tmp_path / "data", he_templates, per_class=4, size=40)
-    dm = ImageFolderClassificationDataModule(str(tmp_path / "data"), image_size=32, batch_size=4, val_fraction=0.5,
-                                             num_workers=0)
+    dm = ImageFolderClassificationDataModule(
+        str(tmp_path / "data"), image_size=32, batch_size=4, val_fraction=0.5, num_workers=0
+    )
     spec = {"name": "test_efficientnet", "num_classes": 2, "pretrained": False, "stain_norm": True}
-    module = TissueClassifierModule(build_classifier(**spec), num_classes=2, class_names=["ADI", "TUM"],
-                                    net_spec=spec)
+    module = TissueClassifierModule(build_classifier(**spec), num_classes=2, class_names=["ADI", "TUM"], net_spec=spec)
     target_before = module.net.normalize.target_mean.detach().clone()
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/acc", mode="max")
-    trainer = L.Trainer(max_steps=2, max_epochs=1, accelerator="cpu", logger=False, callbacks=[ckpt],
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        max_steps=2,
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        callbacks=[ckpt],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module, datamodule=dm)
     assert {"val/acc", "val/f1", "val/loss", "train/acc"} <= set(trainer.callback_metrics)
     assert 0.0 <= float(trainer.callback_metrics["val/acc"]) <= 1.0
@@ -262,8 +272,26 @@ def test_downstream_quick_study_writes_wellformed_json(tmp_path):
     from experiments.downstream import main
 
     out = tmp_path / "study"
-    assert main(["--out", str(out), "--quick", "--methods", "identity,telea", "--classifier", "test_efficientnet",
-                 "--pretrained", "none", "--n-boot", "100", "--epochs", "1"]) == 0
+    assert (
+        main(
+            [
+                "--out",
+                str(out),
+                "--quick",
+                "--methods",
+                "identity,telea",
+                "--classifier",
+                "test_efficientnet",
+                "--pretrained",
+                "none",
+                "--n-boot",
+                "100",
+                "--epochs",
+                "1",
+            ]
+        )
+        == 0
+    )
     result = json.loads((out / "downstream.json").read_text())
     assert {"clean", "artifact", "restored", "checkpoint", "selected_on", "labels", "n_test"} <= set(result)
     assert result["selected_on"] == "val" and Path(result["checkpoint"]).is_file()

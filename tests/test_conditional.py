@@ -47,14 +47,27 @@ def _conditional(autoencoder=None, **kwargs) -> ConditionalLatentDiffusionModule
 
 
 def _trainer(**kwargs) -> Trainer:
-    defaults = {"accelerator": "cpu", "logger": False, "enable_progress_bar": False, "enable_checkpointing": False,
-                "enable_model_summary": False, "limit_val_batches": 1}
+    defaults = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_checkpointing": False,
+        "enable_model_summary": False,
+        "limit_val_batches": 1,
+    }
     return Trainer(**{**defaults, **kwargs})
 
 
 def _cache_dm(vae_dir, tmp_path, **kwargs) -> RestorationLatentCacheDataModule:
-    args = {"autoencoder": vae_dir, "cache_dir": str(tmp_path / "cache"), "tile_size": 64, "stride": 256,
-            "variants": 2, "batch_size": 4, "max_tiles": {"train": 6, "val": 4}}
+    args = {
+        "autoencoder": vae_dir,
+        "cache_dir": str(tmp_path / "cache"),
+        "tile_size": 64,
+        "stride": 256,
+        "variants": 2,
+        "batch_size": 4,
+        "max_tiles": {"train": 6, "val": 4},
+    }
     return RestorationLatentCacheDataModule(**{**args, **kwargs})
 
 
@@ -96,8 +109,9 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="restoration batches"):
         _conditional().model_step({"latent": torch.randn(1, 4, 8, 8)})
     with pytest.raises(ValueError, match="autoencoder"):
-        _conditional().model_step({"clean": real_crops(1), "corrupted": real_crops(1),
-                                   "artifact_mask": torch.ones(1, 1, 64, 64)})
+        _conditional().model_step(
+            {"clean": real_crops(1), "corrupted": real_crops(1), "artifact_mask": torch.ones(1, 1, 64, 64)}
+        )
     assert _conditional().noise_scheduler.config.prediction_type == "v_prediction"
 
 
@@ -131,8 +145,11 @@ def test_adaptive_decode_follows_the_estimated_transmission():
     torch.testing.assert_close(opaque, restored, msg="opaque layer: the full decode, none of its grain")
     tinted = restored - 0.02  # a faint cast: transmission about 0.98
     clear = decode_latents(identity, restored, tinted, tinted + grain, "adaptive")
-    torch.testing.assert_close(clear, decode_latents(identity, restored, tinted, tinted + grain, "delta"),
-                               msg="transparent layer: the delta, the input's texture kept")
+    torch.testing.assert_close(
+        clear,
+        decode_latents(identity, restored, tinted, tinted + grain, "delta"),
+        msg="transparent layer: the delta, the input's texture kept",
+    )
 
 
 def _pairs(n: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -150,11 +167,20 @@ def test_restore_keeps_clean_pixels_bit_exact(decode):
     codec = LatentCodec(build_autoencoder("tiny"))
     net = build_unet("tiny", sample_size=8, in_channels=9, out_channels=4).eval()
     _, corrupted, mask = _pairs(2)
-    sampler = RegionalSampler(build_scheduler("ddim", prediction_type="v_prediction"),
-                              SamplerConfig(num_steps=3, decode=decode, feather=2))
-    out = restore(lambda x: codec.encode(x, sample=False), codec.decode, sampler,
-                  lambda x, t: predict(net, x, t), corrupted, mask, factor=8,
-                  generator=torch.Generator().manual_seed(0), conditional=True)
+    sampler = RegionalSampler(
+        build_scheduler("ddim", prediction_type="v_prediction"), SamplerConfig(num_steps=3, decode=decode, feather=2)
+    )
+    out = restore(
+        lambda x: codec.encode(x, sample=False),
+        codec.decode,
+        sampler,
+        lambda x, t: predict(net, x, t),
+        corrupted,
+        mask,
+        factor=8,
+        generator=torch.Generator().manual_seed(0),
+        conditional=True,
+    )
     keep = (mask == 0).expand_as(corrupted)
     assert torch.equal(out[keep], corrupted[keep])
     assert not torch.equal(out[~keep], corrupted[~keep])
@@ -184,14 +210,16 @@ def test_conditioning_is_used_a_conditional_model_beats_an_unconditional_one_of_
     batch = {"latent": z_clean, "latent_corrupted": z_corrupted, "latent_mask": mask.expand(4, -1, -1, -1)}
     conditional = _conditional(ema_decay=None, known_weight=1.0, target="clean")  # sampled directly below
     torch.manual_seed(0)
-    unconditional = LatentDiffusionModule(build_unet("tiny", sample_size=8, in_channels=4), ema_decay=None,
-                                          scheduler={"prediction_type": "v_prediction"})
+    unconditional = LatentDiffusionModule(
+        build_unet("tiny", sample_size=8, in_channels=4), ema_decay=None, scheduler={"prediction_type": "v_prediction"}
+    )
     _overfit(conditional, batch, steps=300)
     _overfit(unconditional, {"latent": z_clean}, steps=300)
     errors = {}
     for name, module in (("conditional", conditional), ("unconditional", unconditional)):
-        sampler = RegionalSampler(build_scheduler("ddim", dict(module.noise_scheduler.config)),
-                                  SamplerConfig(num_steps=4))
+        sampler = RegionalSampler(
+            build_scheduler("ddim", dict(module.noise_scheduler.config)), SamplerConfig(num_steps=4)
+        )
         denoiser = module.sampling_denoiser()
         if name == "conditional":
             denoiser = condition_denoiser(denoiser, mask, z_corrupted)
@@ -219,8 +247,9 @@ def test_restoration_cache_is_deterministic_and_rebuilt_when_the_synthesis_chang
     assert sample["latent"].shape == sample["latent_corrupted"].shape == (4, 8, 8)
     assert sample["latent_mask"].shape == (1, 8, 8) and set(sample["latent_mask"].unique().tolist()) <= {0.0, 1.0}
     assert sample["meta"]["types"]
-    assert torch.equal(ds[(0, 3)]["latent"], sample["latent"]) and not torch.equal(ds[(1, 3)]["latent"],
-                                                                                   sample["latent"])
+    assert torch.equal(ds[(0, 3)]["latent"], sample["latent"]) and not torch.equal(
+        ds[(1, 3)]["latent"], sample["latent"]
+    )
     other = tmp_path / "again"
     _cache_dm(vae_dir, tmp_path, cache_dir=str(other)).prepare_data()
     assert (other / "train" / "latents.pt").read_bytes() == first, "same settings, same bytes"
@@ -274,9 +303,18 @@ def test_export_round_trip_restores_like_the_module(exported):
     codec = module.get_codec()
     sampler = RegionalSampler(build_scheduler("ddim", dict(module.noise_scheduler.config)), pipe.sampler_config)
     generator = torch.Generator().manual_seed(0)
-    expected = restore(lambda x: codec.encode(x, generator=generator), codec.decode, sampler,
-                       module.sampling_denoiser(), corrupted, mask, factor=8, generator=generator, conditional=True,
-                       residual=module.residual)
+    expected = restore(
+        lambda x: codec.encode(x, generator=generator),
+        codec.decode,
+        sampler,
+        module.sampling_denoiser(),
+        corrupted,
+        mask,
+        factor=8,
+        generator=generator,
+        conditional=True,
+        residual=module.residual,
+    )
     torch.testing.assert_close(out, expected)
     assert build_restorer("latent", model=path).conditional
     assert build_restorer("latent-conditional", model=path).name == "latent-conditional"
@@ -300,8 +338,23 @@ def test_restore_command_on_a_conditional_pipeline(exported, tmp_path, he_tiles)
         corrupted[mask] = 20
         write_image_atomic(tmp_path / "img" / f"t{i}.png", corrupted)
         write_mask_atomic(tmp_path / "msk" / f"t{i}.png", mask)
-    assert restore_cli.main(["--model", str(path), "--images", str(tmp_path / "img"), "--masks",
-                             str(tmp_path / "msk"), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    assert (
+        restore_cli.main(
+            [
+                "--model",
+                str(path),
+                "--images",
+                str(tmp_path / "img"),
+                "--masks",
+                str(tmp_path / "msk"),
+                "--out",
+                str(tmp_path / "out"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     for i in range(2):
         out, inp = read_image(tmp_path / "out" / f"t{i}.png"), read_image(tmp_path / "img" / f"t{i}.png")
         mask = read_mask(tmp_path / "msk" / f"t{i}.png")
@@ -313,8 +366,9 @@ def test_sampler_defaults_reach_the_training_time_check(vae_dir):
     from lightning_modules.callbacks.restoration_eval import RestorationEvalCallback
 
     module = _conditional(vae_dir, mask_dilate=1)
-    callback = RestorationEvalCallback(tile_size=64, num_tiles=2, num_steps=2, baselines=[],
-                                       sampler={"decode": "delta"})
+    callback = RestorationEvalCallback(
+        tile_size=64, num_tiles=2, num_steps=2, baselines=[], sampler={"decode": "delta"}
+    )
     restored = callback.restore_batch(module)
     batch = callback._fixed_batch()
     keep = (batch["artifact_mask"] == 0).expand_as(batch["corrupted"])
@@ -340,12 +394,30 @@ def test_residual_target_trains_on_the_masked_change_and_a_no_change_model_retur
 
     codec = module.get_codec()
     sampler = RegionalSampler(scheduler, SamplerConfig(num_steps=3, decode="delta"))
-    out = restore(lambda x: codec.encode(x, sample=False), codec.decode, sampler, no_change, corrupted, mask,
-                  factor=8, generator=torch.Generator().manual_seed(0), conditional=True, residual=True)
+    out = restore(
+        lambda x: codec.encode(x, sample=False),
+        codec.decode,
+        sampler,
+        no_change,
+        corrupted,
+        mask,
+        factor=8,
+        generator=torch.Generator().manual_seed(0),
+        conditional=True,
+        residual=True,
+    )
     torch.testing.assert_close(out, corrupted, atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="conditional"):
-        restore(lambda x: codec.encode(x, sample=False), codec.decode, sampler, no_change, corrupted, mask,
-                factor=8, residual=True)
+        restore(
+            lambda x: codec.encode(x, sample=False),
+            codec.decode,
+            sampler,
+            no_change,
+            corrupted,
+            mask,
+            factor=8,
+            residual=True,
+        )
     path = module.export(vae_dir + "_residual_pipe", sampler=SamplerConfig(num_steps=2), image_size=64)
     assert RestorationPipeline.from_pretrained(path).residual
     with pytest.raises(ValueError, match="target"):

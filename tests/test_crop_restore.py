@@ -206,16 +206,22 @@ def test_a_mixed_batch_matches_restoring_each_tile_alone(crop_pipeline):
     with torch.no_grad():  # a near-zero posterior std: encoding is deterministic, so tiles can be compared
         pipe.codec.vae.quant_conv.weight[channels:].zero_()
         pipe.codec.vae.quant_conv.bias[channels:].fill_(-30)
-    masks = [_mask(SIZE, (2, 2, 6, 6)), _mask(SIZE, (40, 20, 20, 30)), _mask(SIZE), _mask(SIZE, (0, 0, 60, 60)),
-             _mask(SIZE, (56, 56, 8, 8))]
+    masks = [
+        _mask(SIZE, (2, 2, 6, 6)),
+        _mask(SIZE, (40, 20, 20, 30)),
+        _mask(SIZE),
+        _mask(SIZE, (0, 0, 60, 60)),
+        _mask(SIZE, (56, 56, 8, 8)),
+    ]
     x, mask = _batch(*masks)
     windows = plan_windows(mask, margin=8, unit=16, factor=8, max_fraction=0.6)
     assert len(group_by_size(windows)) == 3 and windows[2] is None and windows[3] == Window(0, 0, SIZE, SIZE)
     settings = {"start": "z0", "known": "clean"}  # no start noise: the sampler is deterministic too (float error only)
     batch = _restore(pipe, x, mask, **settings)
     for i in range(len(masks)):
-        torch.testing.assert_close(batch[i : i + 1], _restore(pipe, x[i : i + 1], mask[i : i + 1], **settings),
-                                   atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            batch[i : i + 1], _restore(pipe, x[i : i + 1], mask[i : i + 1], **settings), atol=1e-4, rtol=0
+        )
 
 
 def test_restore_command_with_crop(crop_pipeline, tmp_path, he_tiles):
@@ -231,9 +237,22 @@ def test_restore_command_with_crop(crop_pipeline, tmp_path, he_tiles):
         corrupted[mask] = 20
         write_image_atomic(tmp_path / "img" / f"t{i}.png", corrupted)
         write_mask_atomic(tmp_path / "msk" / f"t{i}.png", mask)
-    argv = ["--model", str(crop_pipeline), "--images", str(tmp_path / "img"), "--masks", str(tmp_path / "msk"),
-            "--out", str(tmp_path / "out"), "--device", "cpu", "--sampler-set", "crop=true",
-            "--sampler-set", "crop_margin=8"]
+    argv = [
+        "--model",
+        str(crop_pipeline),
+        "--images",
+        str(tmp_path / "img"),
+        "--masks",
+        str(tmp_path / "msk"),
+        "--out",
+        str(tmp_path / "out"),
+        "--device",
+        "cpu",
+        "--sampler-set",
+        "crop=true",
+        "--sampler-set",
+        "crop_margin=8",
+    ]
     assert restore_cli.main(argv) == 0
     for i in range(2):
         out, inp = read_image(tmp_path / "out" / f"t{i}.png"), read_image(tmp_path / "img" / f"t{i}.png")
@@ -256,8 +275,25 @@ def test_crop_bound_command_compares_crop_with_the_full_path(crop_pipeline, tmp_
         write_image_atomic(tmp_path / "set" / "corrupted" / f"t{i}.png", corrupted)
         write_mask_atomic(tmp_path / "set" / "masks" / f"t{i}.png", mask)
     out = tmp_path / "bound.json"
-    assert crop_bound.main(["--pipelines", str(crop_pipeline), "--data", str(tmp_path / "set"), "--margins", "8",
-                            "--batch-size", "2", "--border-window", "32", "--json", str(out)]) == 0
+    assert (
+        crop_bound.main(
+            [
+                "--pipelines",
+                str(crop_pipeline),
+                "--data",
+                str(tmp_path / "set"),
+                "--margins",
+                "8",
+                "--batch-size",
+                "2",
+                "--border-window",
+                "32",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = {r["config"]: r for r in json.loads(out.read_text()) if r["record"] == "crop"}
     assert set(rows) == {"full", "full, other seed", "crop, margin 8"}
     crop, tiles = rows["crop, margin 8"], [r for r in json.loads(out.read_text()) if r["record"] == "crop_tile"]

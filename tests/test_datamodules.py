@@ -30,8 +30,10 @@ def test_restoration_batch_contract(restoration_dm):
     assert set(torch.unique(batch["artifact_mask"]).tolist()) <= {0.0, 1.0}
     assert batch["artifact_mask"].flatten(1).sum(1).min() > 0, "every tile carries an artifact"
     keep = batch["artifact_mask"] == 0
-    assert torch.equal(batch["clean"].masked_select(keep.expand_as(batch["clean"])),
-                       batch["corrupted"].masked_select(keep.expand_as(batch["clean"]))), "clean region untouched"
+    assert torch.equal(
+        batch["clean"].masked_select(keep.expand_as(batch["clean"])),
+        batch["corrupted"].masked_select(keep.expand_as(batch["clean"])),
+    ), "clean region untouched"
     changed = (batch["clean"] != batch["corrupted"]).any(1, keepdim=True)
     assert torch.equal(changed.float(), batch["artifact_mask"]), "mask is exactly the changed pixels"
     assert len(batch["meta"]["types"]) == 4 and all(batch["meta"]["types"])

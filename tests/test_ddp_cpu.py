@@ -18,8 +18,14 @@ RECIPES = ["latent", "conditional", "vae", "artifusion", "cyclegan", "segmenter"
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_ddp_two_cpu_processes_keep_ranks_identical(tmp_path, recipe):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "ddp_train_script.py"), str(tmp_path), recipe],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "ddp_train_script.py"), str(tmp_path), recipe],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")

@@ -111,8 +111,9 @@ def test_segmenter_dice_counts_pixels_and_types(tmp_path):
     for i, (img, truth) in enumerate(zip(images, truths, strict=True)):
         write_image_atomic(tmp_path / "ev" / "corrupted" / f"t{i}.png", img)
         write_mask_atomic(tmp_path / "ev" / "masks" / f"t{i}.png", truth)
-    (tmp_path / "ev" / "manifest.json").write_text(json.dumps(
-        {"items": [{"name": "t0.png", "types": ["ink"]}, {"name": "t1.png", "types": ["fold"]}]}))
+    (tmp_path / "ev" / "manifest.json").write_text(
+        json.dumps({"items": [{"name": "t0.png", "types": ["ink"]}, {"name": "t1.png", "types": ["fold"]}]})
+    )
     r = demo.segmenter_dice(seg, tmp_path / "ev")
     inter = [int((p & t).sum()) for p, t in zip(preds, truths, strict=True)]
     sizes = [int(p.sum() + t.sum()) for p, t in zip(preds, truths, strict=True)]

@@ -18,16 +18,33 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
 
 
-@pytest.mark.parametrize(("parse", "job", "argv", "required"), [
-    (restore.parse_args, restore.RestoreJob, ["--images", "i", "--masks", "m", "--out", "o"],
-     {"images": Path("i"), "masks": Path("m"), "out": Path("o")}),
-    (evaluate.parse_args, evaluate.EvaluateJob, ["--out", "o"], {"out": Path("o")}),
-    (synthesize.parse_args, synthesize.SynthesisJob, ["--bundled", "--out", "o"], {"out": Path("o"), "bundled": True}),
-    (downstream.parse_args, downstream.DownstreamJob, ["--out", "o"], {"out": Path("o")}),
-    (benchmark.parse_args, benchmark.BenchmarkJob, [], {}),
-    (export.parse_args, export.ExportJob, ["vae", "--ckpt", "c", "--out", "o"],
-     {"kind": "vae", "ckpt": Path("c"), "out": Path("o")}),
-], ids=["restore", "evaluate", "synthesize", "downstream", "benchmark", "export"])
+@pytest.mark.parametrize(
+    ("parse", "job", "argv", "required"),
+    [
+        (
+            restore.parse_args,
+            restore.RestoreJob,
+            ["--images", "i", "--masks", "m", "--out", "o"],
+            {"images": Path("i"), "masks": Path("m"), "out": Path("o")},
+        ),
+        (evaluate.parse_args, evaluate.EvaluateJob, ["--out", "o"], {"out": Path("o")}),
+        (
+            synthesize.parse_args,
+            synthesize.SynthesisJob,
+            ["--bundled", "--out", "o"],
+            {"out": Path("o"), "bundled": True},
+        ),
+        (downstream.parse_args, downstream.DownstreamJob, ["--out", "o"], {"out": Path("o")}),
+        (benchmark.parse_args, benchmark.BenchmarkJob, [], {}),
+        (
+            export.parse_args,
+            export.ExportJob,
+            ["vae", "--ckpt", "c", "--out", "o"],
+            {"kind": "vae", "ckpt": Path("c"), "out": Path("o")},
+        ),
+    ],
+    ids=["restore", "evaluate", "synthesize", "downstream", "benchmark", "export"],
+)
 def test_the_parsed_flags_are_the_job_dataclass_with_its_defaults(parse, job, argv, required):
     assert parse(argv) == job(**required), "a flag default and the dataclass default disagree"
 
@@ -60,17 +77,30 @@ def test_no_entry_point_builds_an_argument_list_for_another():
         for node in ast.walk(ast.parse(path.read_text())):
             # module.main(...) of another entry point, or module.parse_args([...]) with a built list (a command's own
             # ``parser.parse_args(argv)`` is how argparse is used, and stays)
-            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args
-                    and isinstance(node.func.value, ast.Name)):
+            if not (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.args
+                and isinstance(node.func.value, ast.Name)
+            ):
                 continue
-            if node.func.attr == "main" or (node.func.attr == "parse_args"
-                                            and isinstance(node.args[0], ast.List | ast.BinOp)):
+            if node.func.attr == "main" or (
+                node.func.attr == "parse_args" and isinstance(node.args[0], ast.List | ast.BinOp)
+            ):
                 offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not offenders, f"call the typed function instead of main/parse_args with argv: {offenders}"
 
 
-TYPED = ["experiments/restore.py", "experiments/evaluate.py", "experiments/downstream.py", "experiments/benchmark.py",
-         "experiments/export.py", "experiments/demo.py", "datamodules/synthesize.py", "datamodules/gallery.py"]
+TYPED = [
+    "experiments/restore.py",
+    "experiments/evaluate.py",
+    "experiments/downstream.py",
+    "experiments/benchmark.py",
+    "experiments/export.py",
+    "experiments/demo.py",
+    "datamodules/synthesize.py",
+    "datamodules/gallery.py",
+]
 
 
 @pytest.mark.parametrize("name", TYPED)
@@ -86,19 +116,27 @@ def evalset_and_pipeline(tmp_path_factory, he_tiles):
     return write_tiny_evalset(root / "evalset", he_tiles, 1, SIZE), write_tiny_pipeline(root / "pipeline", SIZE)
 
 
-def test_evaluate_gives_every_sampled_method_the_steps_and_sampler_and_no_other(evalset_and_pipeline, tmp_path,
-                                                                                monkeypatch):
+def test_evaluate_gives_every_sampled_method_the_steps_and_sampler_and_no_other(
+    evalset_and_pipeline, tmp_path, monkeypatch
+):
     evalset, pipeline = evalset_and_pipeline
     jobs = []
 
     def record(job, restorer=None):
         jobs.append(job)
-        return {"done": 1, "resumed": 0, "pairs": 1, "nfe": 0, "timing": {"seconds": 1.0, "tiles": 1},
-                "sampler": None}
+        return {"done": 1, "resumed": 0, "pairs": 1, "nfe": 0, "timing": {"seconds": 1.0, "tiles": 1}, "sampler": None}
 
     monkeypatch.setattr(restore, "restore_folder", record)
-    job = evaluate.EvaluateJob(out=tmp_path / "e", data=evalset, methods=f"identity,artifusion={pipeline},latent",
-                               model=pipeline, steps=3, sampler_set=["feather=1"], precision="bf16", seed=7)
+    job = evaluate.EvaluateJob(
+        out=tmp_path / "e",
+        data=evalset,
+        methods=f"identity,artifusion={pipeline},latent",
+        model=pipeline,
+        steps=3,
+        sampler_set=["feather=1"],
+        precision="bf16",
+        seed=7,
+    )
     evaluate.run_methods(job)
     by_method = {j.method: j for j in jobs}
     assert set(by_method) == {"identity", "artifusion", "latent"}
@@ -121,7 +159,8 @@ def test_the_typed_restore_call_takes_an_already_built_restorer(evalset_and_pipe
         return original(*args, **kwargs)
 
     built.restore = spy
-    job = restore.RestoreJob(images=evalset / "corrupted", masks=evalset / "masks", out=tmp_path / "r",
-                             method="telea", device="cpu")
+    job = restore.RestoreJob(
+        images=evalset / "corrupted", masks=evalset / "masks", out=tmp_path / "r", method="telea", device="cpu"
+    )
     stats = restore.restore_folder(job, restorer=built)
     assert stats["done"] == len(list((evalset / "corrupted").iterdir())) and calls

@@ -72,8 +72,15 @@ def test_cache_dataset_samples_are_seeded_by_epoch(tiles, codec, tmp_path):
 
 def test_datamodule_prepares_caches_from_an_exported_vae(tmp_path, codec):
     codec.vae.save_pretrained(tmp_path / "vae")
-    dm = LatentCacheDataModule(autoencoder=str(tmp_path / "vae"), cache_dir=str(tmp_path / "cache"), tile_size=64,
-                               stride=64, variants=2, batch_size=4, max_tiles={"train": 4, "val": 2})
+    dm = LatentCacheDataModule(
+        autoencoder=str(tmp_path / "vae"),
+        cache_dir=str(tmp_path / "cache"),
+        tile_size=64,
+        stride=64,
+        variants=2,
+        batch_size=4,
+        max_tiles={"train": 4, "val": 2},
+    )
     dm.prepare_data()
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))

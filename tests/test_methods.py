@@ -22,8 +22,12 @@ from lightning_modules.methods import (
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILTIN = ("identity", "telea", "ns", "latent", "latent-conditional", "latent-reference", "artifusion", "cyclegan")
-IMPLEMENTATIONS = ("lightning_modules.baselines", "lightning_modules.components.pipeline",
-                   "lightning_modules.components.artifusion", "experiments")
+IMPLEMENTATIONS = (
+    "lightning_modules.baselines",
+    "lightning_modules.components.pipeline",
+    "lightning_modules.components.artifusion",
+    "experiments",
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,16 +45,31 @@ def model_folders(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
     latent = write_tiny_pipeline(root / "latent")
-    conditional = save_pipeline(root / "conditional", unet=build_unet("tiny", sample_size=8, in_channels=9,
-                                                                      out_channels=4),
-                                scheduler=DDPMScheduler(), sampler=SamplerConfig(), vae=build_autoencoder("tiny"),
-                                image_size=64, conditional=True)
-    pixel = save_pipeline(root / "pixel", unet=build_unet("tiny", sample_size=8, in_channels=3),
-                          scheduler=DDPMScheduler(), sampler=SamplerConfig(), image_size=8)
+    conditional = save_pipeline(
+        root / "conditional",
+        unet=build_unet("tiny", sample_size=8, in_channels=9, out_channels=4),
+        scheduler=DDPMScheduler(),
+        sampler=SamplerConfig(),
+        vae=build_autoencoder("tiny"),
+        image_size=64,
+        conditional=True,
+    )
+    pixel = save_pipeline(
+        root / "pixel",
+        unet=build_unet("tiny", sample_size=8, in_channels=3),
+        scheduler=DDPMScheduler(),
+        sampler=SamplerConfig(),
+        image_size=8,
+    )
     generator = root / "generator"
     ResnetGenerator(ngf=8, n_blocks=1).save_pretrained(generator)
-    return {"latent": latent, "latent-reference": latent, "latent-conditional": conditional, "artifusion": pixel,
-            "cyclegan": generator}
+    return {
+        "latent": latent,
+        "latent-reference": latent,
+        "latent-conditional": conditional,
+        "artifusion": pixel,
+        "cyclegan": generator,
+    }
 
 
 def test_the_table_holds_every_builtin_method():
@@ -106,13 +125,14 @@ def test_reading_the_table_imports_no_implementation():
         "assert not loaded, loaded\n"
     )
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-@pytest.mark.parametrize("path", ["lightning_modules.no_such_module:factory",
-                                  "lightning_modules.baselines.classical:_no_such_factory", "no_colon"])
+@pytest.mark.parametrize(
+    "path",
+    ["lightning_modules.no_such_module:factory", "lightning_modules.baselines.classical:_no_such_factory", "no_colon"],
+)
 def test_a_broken_factory_path_fails_on_one_line_naming_method_and_path(monkeypatch, path):
     monkeypatch.setitem(METHODS, "broken", MethodSpec(path, needs_model=False, takes_sampler=False))
     assert "broken" in available_restorers()

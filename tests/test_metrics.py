@@ -213,8 +213,12 @@ def test_paper_mode_prefixes_keys_and_shifts_psnr(pairs):
     # 256x larger SSIM constants push SSIM towards 1 (docs/METHOD.md section 7: 0.961 -> 0.995 on their example).
     assert (1 - paper["whole/paper_ssim"] < 0.5 * (1 - standard["whole/ssim"])).all()
     # Paper FSIM = mean over R, G, B of grey FSIM.
-    grey = [piq.fsim(args[0][:, c : c + 1] + 1, args[1][:, c : c + 1] + 1, data_range=2.0, chromatic=False,
-                     reduction="none") for c in range(3)]
+    grey = [
+        piq.fsim(
+            args[0][:, c : c + 1] + 1, args[1][:, c : c + 1] + 1, data_range=2.0, chromatic=False, reduction="none"
+        )
+        for c in range(3)
+    ]
     torch.testing.assert_close(paper["whole/paper_fsim"], torch.stack(grey).mean(0).double(), atol=2e-3, rtol=0)
     keys = RegionMetrics(mode="paper", metrics=("psnr",), regions=("whole",))
     keys.update(*args)
@@ -264,7 +268,11 @@ def test_ddp_sum_states_match_single_process():
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
         [sys.executable, str(REPO / "tests" / "ddp_metrics_script.py")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "DDP metrics OK" in proc.stdout

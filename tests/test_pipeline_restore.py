@@ -46,8 +46,12 @@ def test_pipeline_round_trip_and_clean_region_bit_exact(pipeline_dir, evalset):
     keep = (m == 0).expand_as(x)
     assert torch.equal(out1[keep], x[keep]), "paste-back keeps every clean pixel bit-exact"
     assert not torch.equal(out1[~keep], x[~keep]), "the artifact region is regenerated"
-    assert np.array_equal(to_uint8(out1)[~keep.permute(0, 2, 3, 1).numpy()],
-                          to_uint8(x)[~keep.permute(0, 2, 3, 1).numpy()]) is False
+    assert (
+        np.array_equal(
+            to_uint8(out1)[~keep.permute(0, 2, 3, 1).numpy()], to_uint8(x)[~keep.permute(0, 2, 3, 1).numpy()]
+        )
+        is False
+    )
     assert pipe.nfe == 4
     # export again from the loaded pipeline: identical results
     again = RestorationPipeline.from_pretrained(pipe.save_pretrained(pipeline_dir.parent / "copy"))
@@ -96,8 +100,22 @@ def test_restore_cli_resumes_and_skips_bad_files(pipeline_dir, evalset, tmp_path
     write_mask_atomic(masks / "bad.png", np.zeros((SIZE, SIZE), bool))
     write_image_atomic(images / "orphan.png", read_image(evalset / "clean" / "t0.png"))
     out = tmp_path / "out"
-    args = ["--model", str(pipeline_dir), "--images", str(images), "--masks", str(masks), "--out", str(out),
-            "--steps", "2", "--batch-size", "2", "--seed", "0"]
+    args = [
+        "--model",
+        str(pipeline_dir),
+        "--images",
+        str(images),
+        "--masks",
+        str(masks),
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--seed",
+        "0",
+    ]
     assert restore.main(args) == 0
     text = capsys.readouterr().out
     assert sorted(p.name for p in out.glob("*.png")) == ["t0.png", "t1.png", "t2.png"]
@@ -113,8 +131,20 @@ def test_restore_cli_keep_convention_inverts_masks(pipeline_dir, evalset, tmp_pa
     for p in (evalset / "masks").iterdir():
         write_mask_atomic(keep_masks / p.name, ~(read_image(p)[..., 0] > 0))  # 255 = keep, 0 = artifact
     out = tmp_path / "out"
-    restore.main(["--method", "telea", "--images", str(evalset / "corrupted"), "--masks", str(keep_masks),
-                  "--out", str(out), "--mask-convention", "keep"])
+    restore.main(
+        [
+            "--method",
+            "telea",
+            "--images",
+            str(evalset / "corrupted"),
+            "--masks",
+            str(keep_masks),
+            "--out",
+            str(out),
+            "--mask-convention",
+            "keep",
+        ]
+    )
     for p in (evalset / "corrupted").iterdir():
         restored, corrupted = read_image(out / p.name), read_image(p)
         artifact = read_image(evalset / "masks" / p.name)[..., 0] > 0
@@ -134,9 +164,24 @@ def test_restore_cli_auto_masks_from_an_exported_segmenter(pipeline_dir, evalset
     out = tmp_path / "out"
 
     def argv(threshold):
-        return ["--model", str(pipeline_dir), "--images", str(evalset / "corrupted"), "--masks", "auto",
-                "--mask-model", str(seg), "--mask-threshold", str(threshold), "--out", str(out), "--steps", "2",
-                "--batch-size", "2"]
+        return [
+            "--model",
+            str(pipeline_dir),
+            "--images",
+            str(evalset / "corrupted"),
+            "--masks",
+            "auto",
+            "--mask-model",
+            str(seg),
+            "--mask-threshold",
+            str(threshold),
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+        ]
 
     args = argv(threshold)
     assert restore.main(args) == 0
@@ -165,8 +210,23 @@ def test_restore_cli_auto_masks_from_an_exported_segmenter(pipeline_dir, evalset
 
 def test_evaluate_run_mode_writes_csv_summary_report_grid(pipeline_dir, evalset, tmp_path):
     out = tmp_path / "eval"
-    assert evaluate.main(["--data", str(evalset), "--methods", "identity,telea,latent", "--model", str(pipeline_dir),
-                          "--steps", "2", "--out", str(out)]) == 0
+    assert (
+        evaluate.main(
+            [
+                "--data",
+                str(evalset),
+                "--methods",
+                "identity,telea,latent",
+                "--model",
+                str(pipeline_dir),
+                "--steps",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = list(csv.DictReader((out / "metrics.csv").open()))
     assert set(rows[0]) == {"method", "image", "region", "metric", "value"}
     assert {r["method"] for r in rows} == {"identity", "telea", "latent"}
@@ -191,8 +251,18 @@ def test_evaluate_score_mode_reports_mismatches(evalset, tmp_path):
     for p in list((evalset / "corrupted").iterdir())[:2]:
         write_image_atomic(restored / p.name, read_image(p))
     out = tmp_path / "eval"
-    evaluate.main(["--clean", str(evalset / "clean"), "--masks", str(evalset / "masks"),
-                   "--restored", f"mine={restored}", "--out", str(out)])
+    evaluate.main(
+        [
+            "--clean",
+            str(evalset / "clean"),
+            "--masks",
+            str(evalset / "masks"),
+            "--restored",
+            f"mine={restored}",
+            "--out",
+            str(out),
+        ]
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["images"] == 3
     assert any("missing" in s["reason"] for s in summary["skipped"])
@@ -212,8 +282,18 @@ def test_evaluate_reports_non_binary_and_counts_empty_masks(evalset, tmp_path):
             m = np.zeros_like(m)  # an empty mask: nothing to restore
         cv2.imwrite(str(masks / p.name), m)
     out = tmp_path / "eval"
-    evaluate.main(["--clean", str(evalset / "clean"), "--masks", str(masks),
-                   "--restored", f"id={evalset / 'corrupted'}", "--out", str(out)])
+    evaluate.main(
+        [
+            "--clean",
+            str(evalset / "clean"),
+            "--masks",
+            str(masks),
+            "--restored",
+            f"id={evalset / 'corrupted'}",
+            "--out",
+            str(out),
+        ]
+    )
     summary = json.loads((out / "summary.json").read_text())
     reasons = " ".join(s["reason"] for s in summary["skipped"])
     assert "t0" in " ".join(s["file"] for s in summary["skipped"]) and "128" in reasons

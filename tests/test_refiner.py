@@ -94,8 +94,9 @@ def test_a_format_1_refiner_folder_loads_as_the_two_candidate_blend(tmp_path):
     with torch.no_grad():
         residual, logits = new.eval().heads(torch.cat([corrupted, coarse, mask], 1))
         g = torch.sigmoid(logits[:, 1:] - logits[:, :1])
-        torch.testing.assert_close(old(corrupted, coarse, mask), corrupted + g * (coarse - corrupted) + residual,
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            old(corrupted, coarse, mask), corrupted + g * (coarse - corrupted) + residual, atol=1e-5, rtol=1e-5
+        )
 
 
 def test_any_size_is_padded_and_cropped_and_bad_shapes_are_refused():
@@ -298,9 +299,25 @@ def test_restore_command_uses_the_refiner(conditional_pipeline, tmp_path, he_til
         write_mask_atomic(tmp_path / "msk" / f"t{i}.png", mask)
     outs = {}
     for name, model in (("plain", conditional_pipeline), ("refined", path)):
-        assert restore_cli.main(["--model", str(model), "--method", "latent-conditional", "--images",
-                                 str(tmp_path / "img"), "--masks", str(tmp_path / "msk"), "--out",
-                                 str(tmp_path / name), "--device", "cpu"]) == 0
+        assert (
+            restore_cli.main(
+                [
+                    "--model",
+                    str(model),
+                    "--method",
+                    "latent-conditional",
+                    "--images",
+                    str(tmp_path / "img"),
+                    "--masks",
+                    str(tmp_path / "msk"),
+                    "--out",
+                    str(tmp_path / name),
+                    "--device",
+                    "cpu",
+                ]
+            )
+            == 0
+        )
         outs[name] = [read_image(tmp_path / name / f"t{i}.png") for i in range(2)]
     for i in range(2):
         inp, mask = read_image(tmp_path / "img" / f"t{i}.png"), read_mask(tmp_path / "msk" / f"t{i}.png")
@@ -312,8 +329,17 @@ def test_restore_command_uses_the_refiner(conditional_pipeline, tmp_path, he_til
 
 
 def _pool_dm(pipeline, tmp_path, **kwargs) -> RefinerPoolDataModule:
-    args = {"pipeline": str(pipeline), "cache_dir": str(tmp_path / "pool"), "tile_size": 64, "stride": 256,
-            "variants": 2, "crop": 32, "batch_size": 4, "precision": "fp32", "max_tiles": {"train": 3, "val": 2}}
+    args = {
+        "pipeline": str(pipeline),
+        "cache_dir": str(tmp_path / "pool"),
+        "tile_size": 64,
+        "stride": 256,
+        "variants": 2,
+        "crop": 32,
+        "batch_size": 4,
+        "precision": "fp32",
+        "max_tiles": {"train": 3, "val": 2},
+    }
     return RefinerPoolDataModule(**{**args, **kwargs})
 
 
@@ -367,15 +393,30 @@ def test_cli_recipe_trains_and_export_attaches_the_refiner(conditional_pipeline,
     from experiments.train import cli_main
 
     configs = "experiments/configs"
-    cli = cli_main([
-        "fit", "--config", f"{configs}/base.yaml", "--config", f"{configs}/model/refiner_tiny.yaml",
-        "--config", f"{configs}/data/refiner_pool.yaml", f"--data.init_args.pipeline={conditional_pipeline}",
-        f"--data.init_args.cache_dir={tmp_path / 'pool'}", "--data.init_args.tile_size=64",
-        "--data.init_args.stride=256", "--data.init_args.crop=32", "--data.init_args.batch_size=2",
-        "--data.init_args.variants=1", "--data.init_args.precision=fp32",
-        "--data.init_args.max_tiles={train: 2, val: 2}", "--trainer.max_steps=2", "--trainer.logger=false",
-        f"--trainer.default_root_dir={tmp_path / 'runs'}", "--trainer.enable_progress_bar=false",
-    ])
+    cli = cli_main(
+        [
+            "fit",
+            "--config",
+            f"{configs}/base.yaml",
+            "--config",
+            f"{configs}/model/refiner_tiny.yaml",
+            "--config",
+            f"{configs}/data/refiner_pool.yaml",
+            f"--data.init_args.pipeline={conditional_pipeline}",
+            f"--data.init_args.cache_dir={tmp_path / 'pool'}",
+            "--data.init_args.tile_size=64",
+            "--data.init_args.stride=256",
+            "--data.init_args.crop=32",
+            "--data.init_args.batch_size=2",
+            "--data.init_args.variants=1",
+            "--data.init_args.precision=fp32",
+            "--data.init_args.max_tiles={train: 2, val: 2}",
+            "--trainer.max_steps=2",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={tmp_path / 'runs'}",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
     metrics = cli.trainer.callback_metrics
     assert {"val/artifact_psnr", "val/artifact_psnr_gain", "val/loss"} <= set(metrics)
     ckpt = next((tmp_path / "runs").rglob("last.ckpt"))
@@ -393,8 +434,14 @@ def test_cli_recipe_trains_and_export_attaches_the_refiner(conditional_pipeline,
 def test_trainer_resume_continues_the_refiner_run(conditional_pipeline, tmp_path):
     dm = _pool_dm(conditional_pipeline, tmp_path, variants=1)
     module = RefinerModule(build_refiner("tiny"))
-    kwargs = {"accelerator": "cpu", "logger": False, "enable_progress_bar": False, "enable_model_summary": False,
-              "limit_val_batches": 1, "default_root_dir": str(tmp_path / "run")}
+    kwargs = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "limit_val_batches": 1,
+        "default_root_dir": str(tmp_path / "run"),
+    }
     Trainer(max_steps=2, **kwargs).fit(module, datamodule=dm)
     ckpt = next((tmp_path / "run").rglob("*.ckpt"))
     resumed = RefinerModule(build_refiner("tiny"))

@@ -18,8 +18,14 @@ from lightning_modules.components.regional_sampler import (
 from lightning_modules.components.schedulers import build_scheduler
 
 # The authors' training schedule (docs/METHOD.md section 3), with diffusers' DDPMScheduler defaults otherwise.
-TRAIN = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-             clip_sample=False, prediction_type="epsilon")
+TRAIN = dict(
+    num_train_timesteps=1000,
+    beta_schedule="scaled_linear",
+    beta_start=0.00085,
+    beta_end=0.012,
+    clip_sample=False,
+    prediction_type="epsilon",
+)
 SCHEDULERS = ["ddpm", "ddim", "dpmsolver++"]
 
 
@@ -167,8 +173,7 @@ def test_forward_jump_follows_q_of_x_t_plus_j_given_x_t():
     # after a jump from level a to level b is sqrt(r) + sqrt(1 - r) * eps with r = alpha_bar(b) / alpha_bar(a).
     z, mask = torch.ones(1, 1, 128, 128), torch.zeros(1, 1, 128, 128)
     rec = Recorder()
-    _, sampler = _run("ddpm", z=z, mask=mask, denoiser=rec, num_steps=6, jump_length=2, jump_n_sample=2,
-                      known="clean")
+    _, sampler = _run("ddpm", z=z, mask=mask, denoiser=rec, num_steps=6, jump_length=2, jump_n_sample=2, known="clean")
     assert resample_schedule(6, 2, 2) == [0, 1, 2, 3, 4, 2, 3, 4, 5, 6, 4, 5, 6]
     ts, abar = sampler.timesteps(), build_scheduler("ddpm", TRAIN).alphas_cumprod
     for call, ratio in ((4, abar[ts[2]] / abar[ts[4]]), (8, abar[ts[4]])):  # jumps 4 -> 2 and 6 (clean) -> 4
@@ -196,8 +201,14 @@ def test_learned_variance_outputs():
     sliced, _ = _run("ddim", z=z, mask=mask, denoiser=Recorder(out_channels=8), num_steps=3)
     assert torch.equal(plain, sliced)  # DDIM: first C channels are the epsilon
     fixed, _ = _run("ddpm", z=z, mask=mask, denoiser=Recorder(out_channels=8), num_steps=3)
-    learned, _ = _run("ddpm", z=z, mask=mask, denoiser=Recorder(out_channels=8), num_steps=3,
-                      train={**TRAIN, "variance_type": "learned_range"})
+    learned, _ = _run(
+        "ddpm",
+        z=z,
+        mask=mask,
+        denoiser=Recorder(out_channels=8),
+        num_steps=3,
+        train={**TRAIN, "variance_type": "learned_range"},
+    )
     assert not torch.equal(fixed, learned)  # DDPM with learned_range uses the variance half
     keep = ~mask.bool().expand_as(z)
     assert torch.equal(learned[keep], z[keep]) and torch.isfinite(learned).all()
@@ -211,8 +222,9 @@ def test_pixel_space_restore_identity_codec():
     mask = torch.zeros(2, 1, 16, 16)
     mask[:, :, 4:10, 3:12] = 1
     sampler = RegionalSampler(build_scheduler("ddim", TRAIN), SamplerConfig(num_steps=3, feather=2))
-    out = restore(lambda v: v, lambda v: v, sampler, Recorder(), x, mask, factor=1,
-                  generator=torch.Generator().manual_seed(0))
+    out = restore(
+        lambda v: v, lambda v: v, sampler, Recorder(), x, mask, factor=1, generator=torch.Generator().manual_seed(0)
+    )
     keep = ~mask.bool().expand_as(x)
     assert out.shape == x.shape and out.min() >= -1 and out.max() <= 1
     assert torch.equal(out[keep], x[keep]) and not torch.equal(out[~keep], x[~keep])
@@ -234,8 +246,9 @@ def test_restore_latent_repaint_pastes_back_bit_exact():
     mask[:, :, 10:13, :] = 1  # thin band; max-pooling marks latent row 1
     rec = Recorder()
     sampler = RegionalSampler(build_scheduler("ddpm", TRAIN), SamplerConfig(num_steps=2))
-    out = restore(_fake_encode, _fake_decode, sampler, rec, x, mask, factor=8,
-                  generator=torch.Generator().manual_seed(0))
+    out = restore(
+        _fake_encode, _fake_decode, sampler, rec, x, mask, factor=8, generator=torch.Generator().manual_seed(0)
+    )
     assert rec.inputs[0].shape == (1, 4, 4, 4)
     keep = ~mask.bool().expand_as(x)
     assert torch.equal(out[keep], x[keep]) and out.abs().max() <= 1
@@ -285,7 +298,12 @@ def test_match_color_matches_known_region_statistics():
 def test_config_presets_and_json_round_trip():
     ref = SamplerConfig.from_preset("reference", num_steps=20)
     assert (ref.mask_mode, ref.known, ref.start, ref.paste_back, ref.color_match) == (
-        "nearest", "clean", "z0", False, True)
+        "nearest",
+        "clean",
+        "z0",
+        False,
+        True,
+    )
     assert SamplerConfig.from_preset("repaint") == SamplerConfig()
     assert SamplerConfig.from_dict(json.loads(json.dumps(ref.to_dict()))) == ref
 

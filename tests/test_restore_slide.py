@@ -46,8 +46,16 @@ def write_tiff(path: Path, rgb: np.ndarray, mpp: float = MPP) -> None:
         level, k = rgb, 0
         while True:
             res = 1e4 / (mpp * 2**k)
-            tw.write(level, tile=(256, 256), compression="zlib", photometric="rgb", resolution=(res, res),
-                     resolutionunit="CENTIMETER", subfiletype=1 if k else 0, metadata=None)
+            tw.write(
+                level,
+                tile=(256, 256),
+                compression="zlib",
+                photometric="rgb",
+                resolution=(res, res),
+                resolutionunit="CENTIMETER",
+                subfiletype=1 if k else 0,
+                metadata=None,
+            )
             if max(level.shape[:2]) <= 256:
                 break
             level, k = np.ascontiguousarray(level[::2, ::2]), k + 1
@@ -78,8 +86,14 @@ def case(tmp_path_factory, bundled_svs) -> dict:
     cv2.imwrite(str(root / "mask.png"), truth.astype(np.uint8) * 255)
     cv2.imwrite(str(root / "mask_half.png"), truth[::2, ::2].astype(np.uint8) * 255)
     cv2.imwrite(str(root / "mask_wide.png"), np.zeros((100, 300), np.uint8))
-    features = [{"type": "Feature", "properties": {"classification": {"name": "Pen"}},
-                 "geometry": {"type": "Polygon", "coordinates": [p + [p[0]]]}} for p in POLYGONS]
+    features = [
+        {
+            "type": "Feature",
+            "properties": {"classification": {"name": "Pen"}},
+            "geometry": {"type": "Polygon", "coordinates": [p + [p[0]]]},
+        }
+        for p in POLYGONS
+    ]
     (root / "ink.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": features}))
     (root / "small.geojson").write_text(json.dumps(features[0::2]))  # a plain list of Features, as QuPath exports
     return {"root": root, "clean": clean, "ink": ink, "truth": truth}
@@ -97,8 +111,11 @@ def tiny_pipeline(tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     return save_pipeline(
-        tmp_path_factory.mktemp("pipe") / "pipeline", unet=build_unet("tiny", sample_size=8),
-        scheduler=DDPMScheduler(**PAPER_SCHEDULER), vae=build_autoencoder("tiny"), image_size=64,
+        tmp_path_factory.mktemp("pipe") / "pipeline",
+        unet=build_unet("tiny", sample_size=8),
+        scheduler=DDPMScheduler(**PAPER_SCHEDULER),
+        vae=build_autoencoder("tiny"),
+        image_size=64,
         sampler=SamplerConfig.from_preset("repaint", num_steps=2, feather=2),
     )
 
@@ -106,8 +123,18 @@ def tiny_pipeline(tmp_path_factory) -> Path:
 def run_cli(case: dict, out: Path, *extra: str, masks: str = "ink.geojson") -> dict:
     root = case["root"]
     masks = masks if masks == "auto" else str(root / masks)
-    args = ["--slide", str(root / "ink.tif"), "--out", str(out), "--masks", masks, "--device", "cpu",
-            "--no-progress", *extra]
+    args = [
+        "--slide",
+        str(root / "ink.tif"),
+        "--out",
+        str(out),
+        "--masks",
+        masks,
+        "--device",
+        "cpu",
+        "--no-progress",
+        *extra,
+    ]
     restore_slide.main(args)
     return json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
 
@@ -122,8 +149,16 @@ def fails(capsys, argv: list[str], message: str) -> None:
 
 def test_telea_restores_only_the_mask_losslessly(case, tmp_path):
     out = tmp_path / "R.tif"
-    report = run_cli(case, out, "--method", "telea", "--truth-mask", str(case["root"] / "mask.png"),
-                     "--truth-image", str(case["root"] / "clean.tif"))
+    report = run_cli(
+        case,
+        out,
+        "--method",
+        "telea",
+        "--truth-mask",
+        str(case["root"] / "mask.png"),
+        "--truth-image",
+        str(case["root"] / "clean.tif"),
+    )
     s = openslide.OpenSlide(str(out))
     assert openslide.OpenSlide.detect_format(str(out)) == "generic-tiff"
     assert s.level_dimensions[0] == (SIZE, SIZE) and s.level_count == 3
@@ -149,14 +184,31 @@ def test_geojson_and_mask_images_agree(case, tmp_path):
     run_cli(case, tmp_path / "b.tif", "--method", "telea", masks="mask.png")
     assert (tmp_path / "a.tif").read_bytes() == (tmp_path / "b.tif").read_bytes()
     assert (tmp_path / "a.mask.png").read_bytes() == (tmp_path / "b.mask.png").read_bytes()
-    report = run_cli(case, tmp_path / "c.tif", "--method", "telea", "--truth-mask", str(case["root"] / "mask.png"),
-                     masks="mask_half.png")  # a mask at half the resolution is scaled up
+    report = run_cli(
+        case,
+        tmp_path / "c.tif",
+        "--method",
+        "telea",
+        "--truth-mask",
+        str(case["root"] / "mask.png"),
+        masks="mask_half.png",
+    )  # a mask at half the resolution is scaled up
     assert 0.97 < report["dice_vs_truth_mask"] < 1.0
 
 
 def test_blending_removes_tile_seams(case, tmp_path):
-    common = ("--method", "telea", "--level", "1", "--tile", "128", "--max-artifact-fraction", "1", "--truth-image",
-              str(case["root"] / "clean.tif"))
+    common = (
+        "--method",
+        "telea",
+        "--level",
+        "1",
+        "--tile",
+        "128",
+        "--max-artifact-fraction",
+        "1",
+        "--truth-image",
+        str(case["root"] / "clean.tif"),
+    )
     hard = run_cli(case, tmp_path / "hard.tif", *common, "--overlap", "0")
     soft = run_cli(case, tmp_path / "soft.tif", *common, "--overlap", "16")
     assert hard["seam_step_ratio"] > 5, "tiles inpainted independently step at their borders"
@@ -208,8 +260,19 @@ def test_latent_resume_is_byte_identical_and_manifest_guards(case, tmp_path, tin
     assert 0 < again["tiles"]["restored_now"] < n
     assert (tmp_path / "part.tif").read_bytes() == (tmp_path / "full.tif").read_bytes()
     # other settings: refused, unless --force
-    argv = ["--slide", str(case["root"] / "ink.tif"), "--out", str(tmp_path / "full.tif"), "--masks",
-            str(case["root"] / "small.geojson"), "--device", "cpu", "--no-progress", *args[:-1], "4"]
+    argv = [
+        "--slide",
+        str(case["root"] / "ink.tif"),
+        "--out",
+        str(tmp_path / "full.tif"),
+        "--masks",
+        str(case["root"] / "small.geojson"),
+        "--device",
+        "cpu",
+        "--no-progress",
+        *args[:-1],
+        "4",
+    ]
     fails(capsys, argv, "other settings (seed: stored 3, now 4)")
     restore_slide.main(argv + ["--force", "--max-tiles", "2"])
     manifest = json.loads((tmp_path / "full.tiles" / "manifest.json").read_text())
@@ -222,9 +285,22 @@ def test_automatic_masks_from_an_exported_segmenter(case, tmp_path):
     seg = save_segmenter(net, tmp_path / "segmenter")
     half = cv2.resize(case["ink"], (SIZE // 2, SIZE // 2), interpolation=cv2.INTER_AREA)
     threshold = float(torch.quantile(net.predict_proba(to_tensor(half)[None]).flatten(), 0.9))  # random net: ~10 %
-    args = ("--method", "telea", "--mask-model", str(seg), "--mask-downsample", "2", "--mask-tile", "128",
-            "--mask-threshold", str(threshold), "--truth-mask", str(case["root"] / "mask.png"),
-            "--max-artifact-fraction", "1")
+    args = (
+        "--method",
+        "telea",
+        "--mask-model",
+        str(seg),
+        "--mask-downsample",
+        "2",
+        "--mask-tile",
+        "128",
+        "--mask-threshold",
+        str(threshold),
+        "--truth-mask",
+        str(case["root"] / "mask.png"),
+        "--max-artifact-fraction",
+        "1",
+    )
     report = run_cli(case, tmp_path / "R.tif", *args, masks="auto")
     auto = report["mask"]["auto"]
     assert report["mask"]["kind"] == "auto" and auto["shape"] == [SIZE // 2, SIZE // 2] and auto["png_scale"] == 1
@@ -270,8 +346,19 @@ def test_plain_image_smaller_than_a_tile(case, tmp_path):
     mask = np.zeros((150, 100), np.uint8)
     mask[40:90, 30:70] = 255
     cv2.imwrite(str(tmp_path / "m.png"), mask)
-    restore_slide.main(["--slide", str(tmp_path / "small.png"), "--out", str(tmp_path / "R.tif"), "--masks",
-                        str(tmp_path / "m.png"), "--method", "telea", "--no-progress"])
+    restore_slide.main(
+        [
+            "--slide",
+            str(tmp_path / "small.png"),
+            "--out",
+            str(tmp_path / "R.tif"),
+            "--masks",
+            str(tmp_path / "m.png"),
+            "--method",
+            "telea",
+            "--no-progress",
+        ]
+    )
     out = read_level0(tmp_path / "R.tif")
     assert out.shape == (150, 100, 3) and np.array_equal(out[mask == 0], img[mask == 0])
     assert not np.array_equal(out[mask > 0], img[mask > 0])
@@ -345,8 +432,18 @@ def test_pyramid_writer_odd_sizes_and_jpeg(tmp_path, case):
 @pytest.mark.slow
 def test_two_processes_give_the_same_slide_as_one(case, tmp_path, tiny_pipeline):
     root = case["root"]
-    common = ["--slide", str(root / "ink.tif"), "--masks", str(root / "small.geojson"), "--model", str(tiny_pipeline),
-              *TINY, "--device", "cpu", "--no-progress"]
+    common = [
+        "--slide",
+        str(root / "ink.tif"),
+        "--masks",
+        str(root / "small.geojson"),
+        "--model",
+        str(tiny_pipeline),
+        *TINY,
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "NO_ALBUMENTATIONS_UPDATE": "1"}
     cmd = [sys.executable, "-m", "experiments.restore_slide", *common, "--out", str(tmp_path / "two.tif")]
     cmd += ["--devices", "2"]

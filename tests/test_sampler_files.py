@@ -27,9 +27,28 @@ FILES = sorted(SAMPLER_DIR.glob("*.yaml"))
 # no_refine.yaml sets `refine`, which lands in SamplerConfig with the pixel refiner; until then it cannot validate.
 HAS_REFINE = "refine" in {f.name for f in dataclasses.fields(SamplerConfig)}
 VALID_FILES = [p for p in FILES if HAS_REFINE or p.name != "no_refine.yaml"]
-REQUIRED = {"repaint", "reference", "conditional", "steps_4", "steps_10", "steps_20", "steps_50", "ddim_10",
-            "dpmsolver_10", "strength_0.5", "dilate_1", "dilate_2", "feather_0", "feather_4", "jumps_10x10",
-            "color_match", "decode_full", "decode_delta", "decode_adaptive", "no_refine"}
+REQUIRED = {
+    "repaint",
+    "reference",
+    "conditional",
+    "steps_4",
+    "steps_10",
+    "steps_20",
+    "steps_50",
+    "ddim_10",
+    "dpmsolver_10",
+    "strength_0.5",
+    "dilate_1",
+    "dilate_2",
+    "feather_0",
+    "feather_4",
+    "jumps_10x10",
+    "color_match",
+    "decode_full",
+    "decode_delta",
+    "decode_adaptive",
+    "no_refine",
+}
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +69,19 @@ def _write(tmp_path, text, name="s.yaml"):
 
 
 def _restore_argv(pipeline_dir, evalset, out, *extra):
-    return ["--model", str(pipeline_dir), "--images", str(evalset / "corrupted"), "--masks", str(evalset / "masks"),
-            "--out", str(out), "--batch-size", "2", *map(str, extra)]
+    return [
+        "--model",
+        str(pipeline_dir),
+        "--images",
+        str(evalset / "corrupted"),
+        "--masks",
+        str(evalset / "masks"),
+        "--out",
+        str(out),
+        "--batch-size",
+        "2",
+        *map(str, extra),
+    ]
 
 
 # ------------------------------------------------------------------------------------------------- the files
@@ -68,8 +98,10 @@ def test_the_bundled_files_cover_every_preset_and_ablation_row():
 def test_every_sampler_file_loads_and_builds_a_valid_config(path):
     spec = load_sampler_file(path)
     assert set(spec.overrides) | {"base", "scheduler"} <= set(allowed_keys())
-    for stored in (SamplerConfig.from_preset("repaint", num_steps=4, feather=2),
-                   SamplerConfig.from_preset("reference")):
+    for stored in (
+        SamplerConfig.from_preset("repaint", num_steps=4, feather=2),
+        SamplerConfig.from_preset("reference"),
+    ):
         config, scheduler = apply_sampler(stored, spec)
         assert isinstance(config, SamplerConfig)
         assert scheduler in (None, "ddpm", "ddim", "dpmsolver++")
@@ -88,13 +120,22 @@ def test_no_refine_waits_for_the_refine_field():
 def test_preset_files_hold_the_presets_and_the_conditional_defaults():
     stored = SamplerConfig.from_preset("repaint", num_steps=4, feather=2)
     assert apply_sampler(stored, load_sampler_file(SAMPLER_DIR / "repaint.yaml")) == (
-        SamplerConfig.from_preset("repaint"), "ddpm")
-    assert apply_sampler(stored, load_sampler_file(SAMPLER_DIR / "reference.yaml"))[0] == \
-        SamplerConfig.from_preset("reference")
-    config, scheduler = apply_sampler(SamplerConfig.from_preset("reference"),
-                                      load_sampler_file(SAMPLER_DIR / "conditional.yaml"))
+        SamplerConfig.from_preset("repaint"),
+        "ddpm",
+    )
+    assert apply_sampler(stored, load_sampler_file(SAMPLER_DIR / "reference.yaml"))[0] == SamplerConfig.from_preset(
+        "reference"
+    )
+    config, scheduler = apply_sampler(
+        SamplerConfig.from_preset("reference"), load_sampler_file(SAMPLER_DIR / "conditional.yaml")
+    )
     assert (config.preset, config.num_steps, config.decode, config.feather, scheduler) == (
-        "repaint", 1, "adaptive", 2, "ddim")
+        "repaint",
+        1,
+        "adaptive",
+        2,
+        "ddim",
+    )
     jumps = load_sampler_file(SAMPLER_DIR / "jumps_10x10.yaml").overrides
     assert jumps == {"jump_length": 10, "jump_n_sample": 10}, "paper's j = 10, r = 10 (r counts every run)"
 
@@ -121,17 +162,20 @@ def test_unknown_key_names_the_file_the_key_and_the_allowed_keys(tmp_path):
     assert "\n" not in text
 
 
-@pytest.mark.parametrize("body, words", [
-    ("num_steps: 0\n", "num_steps must be an int >= 1"),
-    ("strength: 1.5\n", "strength must be in (0, 1]"),
-    ("paste_back: 'yes'\n", "paste_back must be true or false"),
-    ("decode: fancy\n", "unknown decode 'fancy'"),
-    ("scheduler: euler\n", "unknown scheduler 'euler'"),
-    ("base: textbook\n", "unknown preset 'textbook'"),
-    ("feather: null\n", "feather is null"),
-    ("base: repaint\npreset: reference\n", "disagree"),
-    ("- num_steps\n", "expected a mapping"),
-])
+@pytest.mark.parametrize(
+    "body, words",
+    [
+        ("num_steps: 0\n", "num_steps must be an int >= 1"),
+        ("strength: 1.5\n", "strength must be in (0, 1]"),
+        ("paste_back: 'yes'\n", "paste_back must be true or false"),
+        ("decode: fancy\n", "unknown decode 'fancy'"),
+        ("scheduler: euler\n", "unknown scheduler 'euler'"),
+        ("base: textbook\n", "unknown preset 'textbook'"),
+        ("feather: null\n", "feather is null"),
+        ("base: repaint\npreset: reference\n", "disagree"),
+        ("- num_steps\n", "expected a mapping"),
+    ],
+)
 def test_bad_values_name_the_file(tmp_path, body, words):
     path = _write(tmp_path, body)
     with pytest.raises(ValueError) as err:
@@ -151,10 +195,17 @@ def test_bad_yaml_and_missing_file_give_one_line_naming_the_file(tmp_path):
 
 def test_sampler_set_parses_yaml_values_and_validates():
     assert parse_sampler_sets(["feather=4", "paste_back=false", "strength=0.5"]) == {
-        "feather": 4, "paste_back": False, "strength": 0.5}
-    for items, words in ((["feather"], "KEY=VALUE"), (["fether=4"], "unknown key 'fether'"),
-                         (["feather=-1"], "feather must be an int >= 0"), (["preset=reference"], "--preset"),
-                         (["feather=1", "feather=2"], "twice")):
+        "feather": 4,
+        "paste_back": False,
+        "strength": 0.5,
+    }
+    for items, words in (
+        (["feather"], "KEY=VALUE"),
+        (["fether=4"], "unknown key 'fether'"),
+        (["feather=-1"], "feather must be an int >= 0"),
+        (["preset=reference"], "--preset"),
+        (["feather=1", "feather=2"], "twice"),
+    ):
         with pytest.raises(ValueError, match=words):
             parse_sampler_sets(items)
 
@@ -176,17 +227,31 @@ def test_cli_override_beats_the_file_and_base_resets_to_the_preset():
 
 
 def test_restore_resolves_file_then_flags_and_refuses_contradictions(pipeline_dir, evalset, tmp_path):
-    args = restore.parse_args(_restore_argv(pipeline_dir, evalset, tmp_path / "o", "--sampler",
-                                            SAMPLER_DIR / "steps_4.yaml", "--steps", "6", "--sampler-set",
-                                            "feather=3"))
+    args = restore.parse_args(
+        _restore_argv(
+            pipeline_dir,
+            evalset,
+            tmp_path / "o",
+            "--sampler",
+            SAMPLER_DIR / "steps_4.yaml",
+            "--steps",
+            "6",
+            "--sampler-set",
+            "feather=3",
+        )
+    )
     spec, kwargs = restore.resolve_sampler(args)
     assert spec.overrides == {"num_steps": 4} and kwargs == {"num_steps": 6, "feather": 3}
-    clash = restore.parse_args(_restore_argv(pipeline_dir, evalset, tmp_path / "o", "--steps", "6",
-                                             "--sampler-set", "num_steps=5"))
+    clash = restore.parse_args(
+        _restore_argv(pipeline_dir, evalset, tmp_path / "o", "--steps", "6", "--sampler-set", "num_steps=5")
+    )
     with pytest.raises(restore.CLIError, match="contradicts"):
         restore.resolve_sampler(clash)
-    nothing = restore.parse_args(_restore_argv(pipeline_dir, evalset, tmp_path / "o", "--sampler",
-                                               SAMPLER_DIR / "strength_0.5.yaml", "--steps", "1"))
+    nothing = restore.parse_args(
+        _restore_argv(
+            pipeline_dir, evalset, tmp_path / "o", "--sampler", SAMPLER_DIR / "strength_0.5.yaml", "--steps", "1"
+        )
+    )
     with pytest.raises(restore.CLIError, match="runs no step"):
         restore.resolve_sampler(nothing)
 
@@ -204,9 +269,11 @@ def test_restore_with_steps_4_and_steps_10_records_the_file_and_refuses_a_resume
     assert "10 NFE per tile" in capsys.readouterr().out
     assert (out4 / "t0.png").read_bytes() != (out10 / "t0.png").read_bytes()
     manifest = json.loads((out4 / restore.MANIFEST).read_text())
-    assert manifest["sampler_file"] == {"file": str(SAMPLER_DIR / "steps_4.yaml"),
-                                        "spec": {"base": None, "scheduler": None, "overrides": {"num_steps": 4}},
-                                        "overrides": {"num_steps": 4}}
+    assert manifest["sampler_file"] == {
+        "file": str(SAMPLER_DIR / "steps_4.yaml"),
+        "spec": {"base": None, "scheduler": None, "overrides": {"num_steps": 4}},
+        "overrides": {"num_steps": 4},
+    }
     assert manifest["sampler"]["file"]["overrides"] == {"num_steps": 4}
     again = _restore_argv(pipeline_dir, evalset, out4, "--sampler", SAMPLER_DIR / "steps_4.yaml")
     assert restore.main(again) == 0 and "resuming: 1 outputs" in capsys.readouterr().out
@@ -219,8 +286,18 @@ def test_restore_with_steps_4_and_steps_10_records_the_file_and_refuses_a_resume
 
 
 def test_restore_refuses_a_sampler_for_methods_without_one_and_bad_files(pipeline_dir, evalset, tmp_path, capsys):
-    argv = ["--method", "telea", "--images", str(evalset / "corrupted"), "--masks", str(evalset / "masks"),
-            "--out", str(tmp_path / "t"), "--sampler", str(SAMPLER_DIR / "steps_4.yaml")]
+    argv = [
+        "--method",
+        "telea",
+        "--images",
+        str(evalset / "corrupted"),
+        "--masks",
+        str(evalset / "masks"),
+        "--out",
+        str(tmp_path / "t"),
+        "--sampler",
+        str(SAMPLER_DIR / "steps_4.yaml"),
+    ]
     assert restore.main(argv) == 2
     assert "telea has no diffusion sampler" in capsys.readouterr().err
     assert not (tmp_path / "t" / restore.MANIFEST).exists()
@@ -235,9 +312,26 @@ def test_restore_refuses_a_sampler_for_methods_without_one_and_bad_files(pipelin
 def test_evaluate_applies_the_file_to_methods_with_a_sampler_only(pipeline_dir, evalset, tmp_path, caplog):
     out, steps_2 = tmp_path / "eval", _write(tmp_path, "# two steps\nnum_steps: 2\n")
     with caplog.at_level(logging.WARNING, logger="experiments.evaluate"):
-        assert evaluate.main(["--data", str(evalset), "--methods", "identity,latent", "--model", str(pipeline_dir),
-                              "--sampler", str(steps_2), "--sampler-set", "feather=1", "--no-kid",
-                              "--out", str(out)]) == 0
+        assert (
+            evaluate.main(
+                [
+                    "--data",
+                    str(evalset),
+                    "--methods",
+                    "identity,latent",
+                    "--model",
+                    str(pipeline_dir),
+                    "--sampler",
+                    str(steps_2),
+                    "--sampler-set",
+                    "feather=1",
+                    "--no-kid",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
     assert "apply to latent; not to identity (no sampler)" in caplog.text
     summary = json.loads((out / "summary.json").read_text())
     record = summary["sampler_file"]
@@ -245,8 +339,21 @@ def test_evaluate_applies_the_file_to_methods_with_a_sampler_only(pipeline_dir, 
     assert record["spec"]["overrides"] == {"num_steps": 2} and record["set"] == {"feather": 1}
     assert record["overrides"] == {"latent": {"num_steps": 2, "feather": 1}}
     assert summary["timings"]["latent"]["nfe_per_tile"] == 2 and summary["timings"]["identity"]["nfe_per_tile"] == 0
-    assert evaluate.main(["--data", str(evalset), "--methods", "identity", "--sampler",
-                          str(SAMPLER_DIR / "steps_4.yaml"), "--out", str(tmp_path / "e2")]) == 2
+    assert (
+        evaluate.main(
+            [
+                "--data",
+                str(evalset),
+                "--methods",
+                "identity",
+                "--sampler",
+                str(SAMPLER_DIR / "steps_4.yaml"),
+                "--out",
+                str(tmp_path / "e2"),
+            ]
+        )
+        == 2
+    )
 
 
 def test_downstream_resolves_the_file_at_argument_parsing(pipeline_dir, tmp_path):

@@ -40,13 +40,35 @@ def test_dice_per_type_counts_each_tile_for_its_types():
 
 
 def test_tiny_fit_on_synthetic_artifacts_then_export(tmp_path):
-    cli = cli_main([
-        "fit", "--config", f"{CONFIGS}/base.yaml", "--config", f"{CONFIGS}/model/segmenter_tiny.yaml",
-        "--config", f"{CONFIGS}/data/bundled_restoration.yaml", "--data.init_args.tile_size", "64",
-        "--data.init_args.stride", "64", "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0",
-        "--data.init_args.max_tiles", "{train: 8, val: 4, test: 4}", "--trainer.max_steps", "2",
-        "--trainer.limit_val_batches", "1", "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path),
-    ])
+    cli = cli_main(
+        [
+            "fit",
+            "--config",
+            f"{CONFIGS}/base.yaml",
+            "--config",
+            f"{CONFIGS}/model/segmenter_tiny.yaml",
+            "--config",
+            f"{CONFIGS}/data/bundled_restoration.yaml",
+            "--data.init_args.tile_size",
+            "64",
+            "--data.init_args.stride",
+            "64",
+            "--data.init_args.batch_size",
+            "4",
+            "--data.init_args.num_workers",
+            "0",
+            "--data.init_args.max_tiles",
+            "{train: 8, val: 4, test: 4}",
+            "--trainer.max_steps",
+            "2",
+            "--trainer.limit_val_batches",
+            "1",
+            "--trainer.logger",
+            "false",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+        ]
+    )
     assert cli.trainer.global_step == 2
     logged = cli.trainer.callback_metrics
     assert {"val/dice", "val/iou", "val/loss"} <= set(logged) and any(k.startswith("val/dice_") for k in logged)
@@ -74,9 +96,17 @@ def test_save_and_load_round_trip(tmp_path):
 def test_cpu_and_paper_configs_parse(tmp_path):
     for size in ("cpu", "paper"):
         cli = cli_main(
-            ["--config", f"{CONFIGS}/base.yaml", "--config", f"{CONFIGS}/model/segmenter_{size}.yaml",
-             "--config", f"{CONFIGS}/data/bundled_restoration.yaml", "--trainer.logger=false",
-             "--trainer.default_root_dir", str(tmp_path)],
+            [
+                "--config",
+                f"{CONFIGS}/base.yaml",
+                "--config",
+                f"{CONFIGS}/model/segmenter_{size}.yaml",
+                "--config",
+                f"{CONFIGS}/data/bundled_restoration.yaml",
+                "--trainer.logger=false",
+                "--trainer.default_root_dir",
+                str(tmp_path),
+            ],
             run=False,
         )
         assert cli.config["model"]["init_args"]["net"]["init_args"]["size"] == size

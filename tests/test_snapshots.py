@@ -18,12 +18,25 @@ from tests.tiny_data import TinyTileDataModule
 def test_snapshots_are_exported_at_the_budgets_then_training_stops(tmp_path):
     torch.manual_seed(0)
     build_autoencoder("tiny").save_pretrained(tmp_path / "vae")
-    module = LatentDiffusionModule(build_unet("tiny", sample_size=8), autoencoder=str(tmp_path / "vae"),
-                                   optimizer=functools.partial(torch.optim.AdamW, lr=1e-3), ema_decay=0.9)
-    snapshots = TimedSnapshots(budgets=[1e-6, 0.05], out=str(tmp_path / "snaps"), sampler={"num_steps": 2},
-                               image_size=64)
-    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
-                      enable_model_summary=False, limit_val_batches=0, max_steps=10_000, callbacks=[snapshots])
+    module = LatentDiffusionModule(
+        build_unet("tiny", sample_size=8),
+        autoencoder=str(tmp_path / "vae"),
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
+        ema_decay=0.9,
+    )
+    snapshots = TimedSnapshots(
+        budgets=[1e-6, 0.05], out=str(tmp_path / "snaps"), sampler={"num_steps": 2}, image_size=64
+    )
+    trainer = Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        max_steps=10_000,
+        callbacks=[snapshots],
+    )
     trainer.fit(module, TinyTileDataModule(batch_size=2))
     done = json.loads((tmp_path / "snaps" / "snapshots.json").read_text())
     assert [d["budget_s"] for d in done] == [1e-6, 0.05]

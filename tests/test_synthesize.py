@@ -69,8 +69,25 @@ def test_gallery_renders_every_type(tmp_path):
 
 def test_balanced_sets_take_the_types_in_turn_one_artifact_each(tmp_path):
     types = ["ink", "blur", "thread"]
-    assert synthesize.main(["--bundled", "--count", "6", "--seed", "0", "--size", "128", "--balanced",
-                            "--types", ",".join(types), "--out", str(tmp_path)]) == 0
+    assert (
+        synthesize.main(
+            [
+                "--bundled",
+                "--count",
+                "6",
+                "--seed",
+                "0",
+                "--size",
+                "128",
+                "--balanced",
+                "--types",
+                ",".join(types),
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert [item["types"] for item in manifest["items"]] == [[t] for t in types * 2]
     assert manifest["balanced"] and manifest["max_artifacts"] == 1
@@ -83,15 +100,20 @@ def test_unseen_split_takes_only_images_without_train_tiles(tmp_path):
     sources = bundled_sources()
     unseen = {s.name for s, r in zip(sources, assign_regions(sources), strict=True) if not r["train"]}
     assert unseen == {"template1.png", "template3.png"}
-    assert synthesize.main(["--bundled", "--split", "unseen", "--count", "8", "--seed", "0", "--out",
-                            str(tmp_path)]) == 0
+    assert (
+        synthesize.main(["--bundled", "--split", "unseen", "--count", "8", "--seed", "0", "--out", str(tmp_path)]) == 0
+    )
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     sources_used = [item["source"] for item in manifest["items"]]
     assert set(sources_used) == unseen, "the triplets are spread over every unseen image"
 
 
 def test_pen_type_uses_real_outlines(tmp_path):
-    assert synthesize.main(["--bundled", "--split", "unseen", "--types", "pen", "--count", "2", "--seed", "0",
-                            "--out", str(tmp_path)]) == 0
+    assert (
+        synthesize.main(
+            ["--bundled", "--split", "unseen", "--types", "pen", "--count", "2", "--seed", "0", "--out", str(tmp_path)]
+        )
+        == 0
+    )
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert all(set(item["types"]) == {"pen"} for item in manifest["items"])

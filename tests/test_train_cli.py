@@ -23,8 +23,9 @@ def vae_dir(tmp_path):
 
 def test_print_config_lists_dotted_optimizer_keys(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        cli_main(["fit", *BASE, *TINY_LATENT, "--data.class_path", "tests.tiny_data.TinyLatentDataModule",
-                  "--print_config"])
+        cli_main(
+            ["fit", *BASE, *TINY_LATENT, "--data.class_path", "tests.tiny_data.TinyLatentDataModule", "--print_config"]
+        )
     assert exit_info.value.code == 0
     config = yaml.safe_load(capsys.readouterr().out)
     init_args = config["model"]["init_args"]

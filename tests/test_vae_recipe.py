@@ -21,8 +21,14 @@ ADAMW = functools.partial(torch.optim.AdamW, lr=1e-3)
 
 
 def _trainer(**kwargs) -> Trainer:
-    defaults = {"accelerator": "cpu", "logger": False, "enable_progress_bar": False, "enable_checkpointing": False,
-                "enable_model_summary": False, "limit_val_batches": 1}
+    defaults = {
+        "accelerator": "cpu",
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_checkpointing": False,
+        "enable_model_summary": False,
+        "limit_val_batches": 1,
+    }
     return Trainer(**{**defaults, **kwargs})
 
 
@@ -63,23 +69,34 @@ def test_perceptual_loss_and_pooled_features():
 
 
 def test_autoencoder_with_perceptual_and_adversarial_terms_trains_and_reloads(tmp_path):
-    module = AutoencoderModule(vae="tiny", optimizer=ADAMW, latent_channels=8, mid_block_attention=False,
-                               logvar_init=-8.0, perceptual_weight=0.5, disc_weight=0.5, disc_start=1)
+    module = AutoencoderModule(
+        vae="tiny",
+        optimizer=ADAMW,
+        latent_channels=8,
+        mid_block_attention=False,
+        logvar_init=-8.0,
+        perceptual_weight=0.5,
+        disc_weight=0.5,
+        disc_start=1,
+    )
     assert not module.automatic_optimization
     trainer = _trainer(max_steps=5, gradient_clip_val=None)
     trainer.fit(module, TinyTileDataModule())
     assert int(module.vae_steps) == 3, "5 optimiser steps = 1 VAE step, then 2 x (VAE + discriminator)"
     assert {"train/perceptual", "train/g_loss", "train/d_loss", "train/disc_adaptive_weight"} <= set(
-        trainer.callback_metrics)
+        trainer.callback_metrics
+    )
     state = module.state_dict()
     assert not any(k.startswith("perceptual.") for k in state), "the frozen feature network is not checkpointed"
-    again = AutoencoderModule(vae="tiny", latent_channels=8, mid_block_attention=False, perceptual_weight=0.5,
-                              disc_weight=0.5)
+    again = AutoencoderModule(
+        vae="tiny", latent_channels=8, mid_block_attention=False, perceptual_weight=0.5, disc_weight=0.5
+    )
     again.load_state_dict(state)
     assert int(again.vae_steps) == 3
     with pytest.raises(Exception, match="gradient_clip_val"):  # Lightning refuses clipping under manual optimisation
         _trainer(max_steps=1, gradient_clip_val=1.0).fit(
-            AutoencoderModule(vae="tiny", optimizer=ADAMW, disc_weight=0.5), TinyTileDataModule())
+            AutoencoderModule(vae="tiny", optimizer=ADAMW, disc_weight=0.5), TinyTileDataModule()
+        )
 
 
 def test_vae_study_trains_scores_and_reuses_rows(tmp_path, capsys):
@@ -119,8 +136,12 @@ def test_ceilings_rank_the_oracles_above_a_corrupted_input(tmp_path, he_tiles):
     assert set(values) == {"input", "oracle-full", "oracle-delta", "oracle-od-delta", "oracle-adaptive"}
     assert len(values["input"]["psnr"]) == 3
     assert np.mean(values["oracle-full"]["psnr"]) > np.mean(values["input"]["psnr"])
-    assert ceilings.main(["--vae", str(tmp_path / "vae"), "--data", str(tmp_path / "set"),
-                          "--out", str(tmp_path / "c.md")]) == 0
+    assert (
+        ceilings.main(
+            ["--vae", str(tmp_path / "vae"), "--data", str(tmp_path / "set"), "--out", str(tmp_path / "c.md")]
+        )
+        == 0
+    )
     assert "oracle-delta" in (tmp_path / "c.md").read_text()
     with pytest.raises(SystemExit, match="not a folder"):
         ceilings.main(["--vae", str(tmp_path / "nope"), "--data", str(tmp_path / "set")])

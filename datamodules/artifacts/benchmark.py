@@ -71,13 +71,17 @@ def main(argv: list[str] | None = None) -> None:
     tiles = load_tiles(args.size)
     rows = {name: cls() for name, cls in ARTIFACT_TYPES.items()}
     rows["mixture(1-2)"] = ArtifactSynthesizer()
-    print(f"{args.tiles} runs per row on {args.size}x{args.size} real H&E tiles, cv2 threads=1, "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+    print(
+        f"{args.tiles} runs per row on {args.size}x{args.size} real H&E tiles, cv2 threads=1, "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
+    )
     print(f"{'artifact':<14}{'tiles/s':>9}{'ms/tile':>9}{'cov min':>9}{'cov mean':>10}{'cov max':>9}")
     for name, fn in rows.items():
         m = measure(fn, tiles, args.tiles, args.seed)
-        print(f"{name:<14}{m['tiles_per_s']:>9.0f}{1000 / m['tiles_per_s']:>9.2f}"
-              f"{m['cov_min']:>9.1%}{m['cov_mean']:>10.1%}{m['cov_max']:>9.1%}")
+        print(
+            f"{name:<14}{m['tiles_per_s']:>9.0f}{1000 / m['tiles_per_s']:>9.2f}"
+            f"{m['cov_min']:>9.1%}{m['cov_mean']:>10.1%}{m['cov_max']:>9.1%}"
+        )
 
 
 if __name__ == "__main__":

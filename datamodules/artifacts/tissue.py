@@ -98,8 +98,9 @@ class FoldSpec(ArtifactSpec):
         xx, yy = pixel_grid(h, w)
         source = 2.0 * nearest[support] - np.stack([xx[support], yy[support]], axis=-1) + shift  # (N, 2)
         defocused = cv2.GaussianBlur(image, (0, 0), 1.0)
-        flap = cv2.remap(defocused, source[:, None, 0], source[:, None, 1], cv2.INTER_LINEAR,
-                         borderMode=cv2.BORDER_REFLECT_101)[:, 0]
+        flap = cv2.remap(
+            defocused, source[:, None, 0], source[:, None, 1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101
+        )[:, 0]
         mix = rng.uniform(0.0, 0.6)  # the doubled layer's own stain: eosin (pink) to H&E (purple)
         tint = self.draw(rng, "tint") * ((1.0 - mix) * STAIN_MATRIX[1] + mix * STAIN_MATRIX[0])
         added = self.draw(rng, "density") * rgb_to_od(flap) + tint
@@ -318,4 +319,3 @@ class StainSpec(ArtifactSpec):
         out = np.zeros((h, w, 3), np.float32)
         out[support] = od_to_rgb(np.maximum(concentrations @ STAIN_MATRIX, 0.0))
         return out, support
-

@@ -231,8 +231,12 @@ class _DiffusionBench(MethodBench):
         from lightning_modules.components.pipeline import unet_callable
 
         z = self._latent(x)
-        t = torch.full((z.shape[0],), self.pipeline.noise_scheduler.config.num_train_timesteps // 2,
-                       dtype=torch.long, device=z.device)
+        t = torch.full(
+            (z.shape[0],),
+            self.pipeline.noise_scheduler.config.num_train_timesteps // 2,
+            dtype=torch.long,
+            device=z.device,
+        )
         denoiser = unet_callable(self.network)
 
         def run() -> Tensor:
@@ -320,8 +324,12 @@ class LatentBench(_DiffusionBench):
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         unet = build_unet(geometry.unet, sample_size=geometry.image_size // factor)
         pipeline = RestorationPipeline(
-            unet, DDPMScheduler(**PAPER_SCHEDULER), SamplerConfig.from_preset("repaint", num_steps=num_steps), vae,
-            name="latent", image_size=geometry.image_size,
+            unet,
+            DDPMScheduler(**PAPER_SCHEDULER),
+            SamplerConfig.from_preset("repaint", num_steps=num_steps),
+            vae,
+            name="latent",
+            image_size=geometry.image_size,
         )
         super().__init__(geometry, device, pipeline)
 
@@ -349,12 +357,20 @@ class ConditionalBench(_DiffusionBench):
         vae = build_autoencoder(geometry.vae)
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         channels = vae.config.latent_channels
-        unet = build_unet(geometry.unet, sample_size=geometry.image_size // factor,
-                          in_channels=conditional_channels(channels), out_channels=channels)
+        unet = build_unet(
+            geometry.unet,
+            sample_size=geometry.image_size // factor,
+            in_channels=conditional_channels(channels),
+            out_channels=channels,
+        )
         pipeline = RestorationPipeline(
-            unet, DDPMScheduler(**{**PAPER_SCHEDULER, **CONDITIONAL_SCHEDULER}),
-            SamplerConfig.from_preset("repaint", **CONDITIONAL_SAMPLER), vae, name="latent-conditional",
-            image_size=geometry.image_size, conditional=True,
+            unet,
+            DDPMScheduler(**{**PAPER_SCHEDULER, **CONDITIONAL_SCHEDULER}),
+            SamplerConfig.from_preset("repaint", **CONDITIONAL_SAMPLER),
+            vae,
+            name="latent-conditional",
+            image_size=geometry.image_size,
+            conditional=True,
         )
         super().__init__(geometry, device, pipeline)
 
@@ -366,8 +382,12 @@ class ConditionalBench(_DiffusionBench):
 
         z = self._latent(x)
         latent_mask = to_latent_mask(mask, self.pipeline.factor).to(z.dtype)
-        t = torch.full((z.shape[0],), self.pipeline.noise_scheduler.config.num_train_timesteps // 2,
-                       dtype=torch.long, device=z.device)
+        t = torch.full(
+            (z.shape[0],),
+            self.pipeline.noise_scheduler.config.num_train_timesteps // 2,
+            dtype=torch.long,
+            device=z.device,
+        )
         denoiser = condition_denoiser(unet_callable(self.network), latent_mask, z)
 
         def run() -> Tensor:
@@ -393,7 +413,11 @@ class ArtiFusionBench(_DiffusionBench):
 
         swin = build_swin_unet(geometry.swin, sample_size=geometry.image_size)
         pipeline = RestorationPipeline(
-            swin, DDPMScheduler(**PAPER_SCHEDULER), paper_sampler_config(), None, name="artifusion",
+            swin,
+            DDPMScheduler(**PAPER_SCHEDULER),
+            paper_sampler_config(),
+            None,
+            name="artifusion",
             image_size=geometry.image_size,
         )
         super().__init__(geometry, device, pipeline)

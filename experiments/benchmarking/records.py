@@ -147,25 +147,28 @@ def add_batch_speedups(records: list[dict]) -> None:
 
 def ratio_records(records: list[dict]) -> list[dict]:
     """Pixel ArtiFusion / latent seconds per tile for every (config, precision, batch size) holding both methods."""
-    restore = {(r["method"], r["config"], r["precision"], r["batch_size"]): r
-               for r in records if r.get("record") == "restore"}
+    restore = {
+        (r["method"], r["config"], r["precision"], r["batch_size"]): r for r in records if r.get("record") == "restore"
+    }
     out = []
     for (method, config, precision, batch), latent in restore.items():
         pixel = restore.get(("artifusion", config, precision, batch))
         if method != "latent" or pixel is None:
             continue
-        out.append({
-            "record": "ratio",
-            "config": config,
-            "precision": precision,
-            "batch_size": batch,
-            "device": latent["device"],
-            "latent_seconds_per_tile": latent["seconds_per_tile"],
-            "artifusion_seconds_per_tile": pixel["seconds_per_tile"],
-            "ratio": pixel["seconds_per_tile"] / latent["seconds_per_tile"],
-            "flops_ratio": pixel["flops_per_tile"] / latent["flops_per_tile"],
-            "latent_label": latent["measured_or_extrapolated"],
-            "artifusion_label": pixel["measured_or_extrapolated"],
-            "paper_ratio": PAPER_SECONDS["artifusion"] / PAPER_SECONDS["latent"],
-        })
+        out.append(
+            {
+                "record": "ratio",
+                "config": config,
+                "precision": precision,
+                "batch_size": batch,
+                "device": latent["device"],
+                "latent_seconds_per_tile": latent["seconds_per_tile"],
+                "artifusion_seconds_per_tile": pixel["seconds_per_tile"],
+                "ratio": pixel["seconds_per_tile"] / latent["seconds_per_tile"],
+                "flops_ratio": pixel["flops_per_tile"] / latent["flops_per_tile"],
+                "latent_label": latent["measured_or_extrapolated"],
+                "artifusion_label": pixel["measured_or_extrapolated"],
+                "paper_ratio": PAPER_SECONDS["artifusion"] / PAPER_SECONDS["latent"],
+            }
+        )
     return out

@@ -30,52 +30,131 @@ def restore_table(records: list[dict]) -> str:
     for r in records:
         if r.get("record") != "restore":
             continue
-        rows.append([
-            r["method"], r["config"], r["precision"], str(r["batch_size"]), str(r["nfe"]),
-            _fmt(r["seconds_per_tile"], ".4g"), r["measured_or_extrapolated"], _fmt(r.get("batch_speedup"), ".2f"),
-            _fmt(r["parts_seconds_per_tile"]["eval"] * 1e3, ".3g"),
-            _fmt(r["flops_per_tile"] / 1e9, ".4g"), _fmt(r["flops_per_eval_per_tile"] / 1e9, ".4g"),
-            _fmt(r["flops_fixed_per_tile"] / 1e9, ".4g"), _fmt(r["achieved_flops_per_second"] / 1e12, ".3g"),
-            _pct(r["utilisation"]), _pct(r["network_utilisation"]), _pct(r["vae_utilisation"]),
-        ])
-    header = ["method", "config", "precision", "batch", "NFE", "s/tile", "how", "batch speed-up", "ms/eval/tile",
-              "GFLOP/tile", "net GFLOP/eval", "VAE GFLOP", "TFLOP/s", "util", "net util", "VAE util"]
+        rows.append(
+            [
+                r["method"],
+                r["config"],
+                r["precision"],
+                str(r["batch_size"]),
+                str(r["nfe"]),
+                _fmt(r["seconds_per_tile"], ".4g"),
+                r["measured_or_extrapolated"],
+                _fmt(r.get("batch_speedup"), ".2f"),
+                _fmt(r["parts_seconds_per_tile"]["eval"] * 1e3, ".3g"),
+                _fmt(r["flops_per_tile"] / 1e9, ".4g"),
+                _fmt(r["flops_per_eval_per_tile"] / 1e9, ".4g"),
+                _fmt(r["flops_fixed_per_tile"] / 1e9, ".4g"),
+                _fmt(r["achieved_flops_per_second"] / 1e12, ".3g"),
+                _pct(r["utilisation"]),
+                _pct(r["network_utilisation"]),
+                _pct(r["vae_utilisation"]),
+            ]
+        )
+    header = [
+        "method",
+        "config",
+        "precision",
+        "batch",
+        "NFE",
+        "s/tile",
+        "how",
+        "batch speed-up",
+        "ms/eval/tile",
+        "GFLOP/tile",
+        "net GFLOP/eval",
+        "VAE GFLOP",
+        "TFLOP/s",
+        "util",
+        "net util",
+        "VAE util",
+    ]
     return markdown_table(header, rows)
 
 
 def ratio_table(records: list[dict]) -> str:
     """Pixel ArtiFusion / latent seconds per tile (the paper: 30.71 s / 0.83 s = 37x on a GPU)."""
     rows = [
-        [r["config"], r["precision"], str(r["batch_size"]), _fmt(r["latent_seconds_per_tile"], ".4g"),
-         _fmt(r["artifusion_seconds_per_tile"], ".4g"), f'{r["ratio"]:.1f}x', f'{r["flops_ratio"]:.1f}x',
-         f'{r["latent_label"]} / {r["artifusion_label"]}', f'{r["paper_ratio"]:.1f}x']
-        for r in records if r.get("record") == "ratio"
+        [
+            r["config"],
+            r["precision"],
+            str(r["batch_size"]),
+            _fmt(r["latent_seconds_per_tile"], ".4g"),
+            _fmt(r["artifusion_seconds_per_tile"], ".4g"),
+            f"{r['ratio']:.1f}x",
+            f"{r['flops_ratio']:.1f}x",
+            f"{r['latent_label']} / {r['artifusion_label']}",
+            f"{r['paper_ratio']:.1f}x",
+        ]
+        for r in records
+        if r.get("record") == "ratio"
     ]
-    header = ["config", "precision", "batch", "latent s/tile", "artifusion s/tile", "time ratio", "FLOP ratio",
-              "how (latent / artifusion)", "paper (GPU)"]
+    header = [
+        "config",
+        "precision",
+        "batch",
+        "latent s/tile",
+        "artifusion s/tile",
+        "time ratio",
+        "FLOP ratio",
+        "how (latent / artifusion)",
+        "paper (GPU)",
+    ]
     return markdown_table(header, rows)
 
 
 def training_table(records: list[dict]) -> str:
     """Denoiser training images per second with and without the latent cache."""
     rows = [
-        [r.get("method", "latent"), r["config"], r["precision"], str(r["batch_size"]),
-         "yes" if r["latent_cache"] else "no", _fmt(r["images_per_second"], ".4g"), _fmt(r["seconds_per_step"], ".4g"),
-         _fmt(r["cache_speedup"], ".2f"),
-         _fmt(r["cache_build_images_per_second"], ".4g") if r.get("latent_cache") and "cache_build_images_per_second"
-         in r else "-",
-         _fmt(r["flops_per_step"] / 1e9, ".4g"), _pct(r["utilisation"]), str(r["steps"])]
-        for r in records if r.get("record") == "training"
+        [
+            r.get("method", "latent"),
+            r["config"],
+            r["precision"],
+            str(r["batch_size"]),
+            "yes" if r["latent_cache"] else "no",
+            _fmt(r["images_per_second"], ".4g"),
+            _fmt(r["seconds_per_step"], ".4g"),
+            _fmt(r["cache_speedup"], ".2f"),
+            _fmt(r["cache_build_images_per_second"], ".4g")
+            if r.get("latent_cache") and "cache_build_images_per_second" in r
+            else "-",
+            _fmt(r["flops_per_step"] / 1e9, ".4g"),
+            _pct(r["utilisation"]),
+            str(r["steps"]),
+        ]
+        for r in records
+        if r.get("record") == "training"
     ]
-    header = ["method", "config", "precision", "batch", "latent cache", "images/s", "s/step", "cache speed-up",
-              "cache build images/s", "GFLOP/step", "util", "steps timed"]
+    header = [
+        "method",
+        "config",
+        "precision",
+        "batch",
+        "latent cache",
+        "images/s",
+        "s/step",
+        "cache speed-up",
+        "cache build images/s",
+        "GFLOP/step",
+        "util",
+        "steps timed",
+    ]
     return markdown_table(header, rows)
 
 
 def peak_table(records: list[dict]) -> str:
     """Measured matmul peaks of this run (utilisations use the higher of the start and end values)."""
-    rows = [[r["precision"], f'{r["size"]}x{r["size"]}', r.get("when", "-"), r["device"], str(r["threads"]),
-             _fmt(r["flops_per_second"] / 1e12, ".3g")] for r in records if r.get("record") == "peak"]
+    rows = [
+        [
+            r["precision"],
+            f"{r['size']}x{r['size']}",
+            r.get("when", "-"),
+            r["device"],
+            str(r["threads"]),
+            _fmt(r["flops_per_second"] / 1e12, ".3g"),
+        ]
+        for r in records
+        if r.get("record") == "peak"
+    ]
     return markdown_table(["dtype", "matmul", "measured at", "device", "threads", "TFLOP/s"], rows)
 
 
@@ -86,5 +165,7 @@ def machine_line(records: list[dict]) -> str:
         return ""
     gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
     flags = ", ".join(m["cpu_flags"]) or "none"
-    return (f"machine: {m['cpu_model']} ({m['cpu_count']} CPUs, flags {flags}), {m['threads']} torch threads, "
-            f"torch {m['torch']}, diffusers {m['diffusers']}, device {m['device']}{gpu}")
+    return (
+        f"machine: {m['cpu_model']} ({m['cpu_count']} CPUs, flags {flags}), {m['threads']} torch threads, "
+        f"torch {m['torch']}, diffusers {m['diffusers']}, device {m['device']}{gpu}"
+    )

@@ -65,8 +65,9 @@ class Timing:
         return len(self.times)
 
 
-def measure(fn: Callable[[], object], device: torch.device, *, max_seconds: float, warmup: int = 1,
-            max_reps: int = 1000) -> Timing:
+def measure(
+    fn: Callable[[], object], device: torch.device, *, max_seconds: float, warmup: int = 1, max_reps: int = 1000
+) -> Timing:
     """Time ``fn()``: ``warmup`` untimed calls, then timed calls until ``max_seconds`` are spent (at least one).
 
     Args:

@@ -78,8 +78,9 @@ def training_records(
     with warnings.catch_warnings():
         # save_hyperparameters() notes that the injected denoiser is an nn.Module; irrelevant here (no checkpoint).
         warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
-        module = LatentDiffusionModule(build_unet(geometry.unet, sample_size=latent_size), autoencoder=None,
-                                       ema_decay=None)
+        module = LatentDiffusionModule(
+            build_unet(geometry.unet, sample_size=latent_size), autoencoder=None, ema_decay=None
+        )
     module.codec = codec
     module = module.to(device).train()
     optimizer = torch.optim.AdamW(module.denoiser.parameters(), lr=1e-4, weight_decay=1e-2)
@@ -96,16 +97,40 @@ def training_records(
                 def batch(use_cache: bool = use_cache) -> dict:
                     return {"latent": next(cached)["latent"].to(device)} if use_cache else {"clean": clean}
 
-                records.append(_training_record(
-                    module, optimizer, batch, method="latent", config=config, precision=precision,
-                    batch_size=batch_size, use_cache=use_cache, device=device, max_seconds=max_seconds, warmup=warmup))
+                records.append(
+                    _training_record(
+                        module,
+                        optimizer,
+                        batch,
+                        method="latent",
+                        config=config,
+                        precision=precision,
+                        batch_size=batch_size,
+                        use_cache=use_cache,
+                        device=device,
+                        max_seconds=max_seconds,
+                        warmup=warmup,
+                    )
+                )
     _add_cache_speedups(records)
     return records
 
 
-def _training_record(module, optimizer, next_batch, *, method: str, config: str, precision: str, batch_size: int,
-                     use_cache: bool, device: torch.device, max_seconds: float, warmup: int,
-                     extra: dict | None = None) -> dict:
+def _training_record(
+    module,
+    optimizer,
+    next_batch,
+    *,
+    method: str,
+    config: str,
+    precision: str,
+    batch_size: int,
+    use_cache: bool,
+    device: torch.device,
+    max_seconds: float,
+    warmup: int,
+    extra: dict | None = None,
+) -> dict:
     """Time one optimiser step of ``module`` on ``next_batch()`` (FLOPs counted once) and return its record."""
 
     def step() -> torch.Tensor:
@@ -187,8 +212,15 @@ def conditional_training_records(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
         module = ConditionalLatentDiffusionModule(
-            build_unet(geometry.unet, sample_size=latent_size, in_channels=conditional_channels(channels),
-                       out_channels=channels), autoencoder=None, ema_decay=None)
+            build_unet(
+                geometry.unet,
+                sample_size=latent_size,
+                in_channels=conditional_channels(channels),
+                out_channels=channels,
+            ),
+            autoencoder=None,
+            ema_decay=None,
+        )
     module.codec = codec
     module = module.to(device).train()
     optimizer = torch.optim.AdamW(module.denoiser.parameters(), lr=1e-4, weight_decay=1e-2)
@@ -200,15 +232,26 @@ def conditional_training_records(
     def pixel_batches() -> Iterator[dict]:
         epoch = 0
         while True:
-            yield from DataLoader([(epoch, i) for i in range(len(online))], batch_size=batch_size, shuffle=False,
-                                  collate_fn=lambda items: torch.utils.data.default_collate([online[i] for i in items]))
+            yield from DataLoader(
+                [(epoch, i) for i in range(len(online))],
+                batch_size=batch_size,
+                shuffle=False,
+                collate_fn=lambda items: torch.utils.data.default_collate([online[i] for i in items]),
+            )
             epoch += 1
 
     records = []
     with tempfile.TemporaryDirectory(prefix="bench_restoration_cache_") as tmp:
         start = time.perf_counter()
-        build_restoration_cache(codec, TileDataset(sources, tiles, split="train"), Path(tmp), synthesizer=synthesizer,
-                                variants=variants, device=device, progress=False)
+        build_restoration_cache(
+            codec,
+            TileDataset(sources, tiles, split="train"),
+            Path(tmp),
+            synthesizer=synthesizer,
+            variants=variants,
+            device=device,
+            progress=False,
+        )
         build_rate = len(tiles) * variants / (time.perf_counter() - start)
         dataset = RestorationLatentDataset(Path(tmp), split="train")
 
@@ -225,9 +268,21 @@ def conditional_training_records(
                     raw = next(sources_of[use_cache])
                     return {k: raw[k].to(device) for k in keys[use_cache]}
 
-                records.append(_training_record(
-                    module, optimizer, batch, method="latent-conditional", config=config, precision=precision,
-                    batch_size=batch_size, use_cache=use_cache, device=device, max_seconds=max_seconds, warmup=warmup,
-                    extra={"cache_variants": variants, "cache_build_images_per_second": build_rate}))
+                records.append(
+                    _training_record(
+                        module,
+                        optimizer,
+                        batch,
+                        method="latent-conditional",
+                        config=config,
+                        precision=precision,
+                        batch_size=batch_size,
+                        use_cache=use_cache,
+                        device=device,
+                        max_seconds=max_seconds,
+                        warmup=warmup,
+                        extra={"cache_variants": variants, "cache_build_images_per_second": build_rate},
+                    )
+                )
     _add_cache_speedups(records)
     return records

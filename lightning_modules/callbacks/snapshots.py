@@ -35,8 +35,9 @@ class TimedSnapshots(Callback):
         ValueError: For empty, non-positive or unsorted budgets.
     """
 
-    def __init__(self, budgets: list[float], out: str, sampler: dict | None = None, image_size: int = 256,
-                 stop: bool = True) -> None:
+    def __init__(
+        self, budgets: list[float], out: str, sampler: dict | None = None, image_size: int = 256, stop: bool = True
+    ) -> None:
         super().__init__()
         if not budgets or any(b <= 0 for b in budgets) or list(budgets) != sorted(budgets):
             raise ValueError(f"budgets must be increasing positive seconds, got {budgets}")
@@ -61,8 +62,14 @@ class TimedSnapshots(Callback):
             folder = self.out / f"t{int(budget):05d}s"
             if trainer.is_global_zero:
                 pl_module.export(folder, sampler=self.sampler, image_size=self.image_size)
-            self.done.append({"budget_s": budget, "trained_s": round(self.trained, 1),
-                              "global_step": int(trainer.global_step), "path": str(folder)})
+            self.done.append(
+                {
+                    "budget_s": budget,
+                    "trained_s": round(self.trained, 1),
+                    "global_step": int(trainer.global_step),
+                    "path": str(folder),
+                }
+            )
             log.info("snapshot at %.0f s of training (step %d): %s", self.trained, trainer.global_step, folder)
             if trainer.is_global_zero:
                 self.out.mkdir(parents=True, exist_ok=True)

@@ -63,8 +63,9 @@ def paper_sampler_config(**overrides: Any) -> SamplerConfig:
     Args:
         **overrides: :class:`SamplerConfig` fields to change (e.g. ``num_steps=25`` for a CPU demo).
     """
-    return SamplerConfig.from_preset("repaint", **{"num_steps": 250, "jump_length": 10, "jump_n_sample": 10,
-                                                   **overrides})
+    return SamplerConfig.from_preset(
+        "repaint", **{"num_steps": 250, "jump_length": 10, "jump_n_sample": 10, **overrides}
+    )
 
 
 def build_artifusion_restorer(
@@ -92,5 +93,10 @@ def build_artifusion_restorer(
     return pipe
 
 
-__all__ = ["PAPER_SCHEDULER", "PAPER_TIMESTEPS", "artifusion_scheduler_config", "build_artifusion_restorer",
-           "paper_sampler_config"]
+__all__ = [
+    "PAPER_SCHEDULER",
+    "PAPER_TIMESTEPS",
+    "artifusion_scheduler_config",
+    "build_artifusion_restorer",
+    "paper_sampler_config",
+]

@@ -148,16 +148,23 @@ def load_pretrained(backbone: nn.Module, path: str | os.PathLike, num_classes: i
         mismatched = {k for k in head_keys if state[k].shape != target[k].shape}
         wrong = [k for k in state if k not in head_keys and state[k].shape != target[k].shape]
         if wrong:
-            raise ValueError(f"{path}: shape mismatch for {wrong[:3]} (e.g. {tuple(state[wrong[0]].shape)} vs "
-                             f"{tuple(target[wrong[0]].shape)})")
+            raise ValueError(
+                f"{path}: shape mismatch for {wrong[:3]} (e.g. {tuple(state[wrong[0]].shape)} vs "
+                f"{tuple(target[wrong[0]].shape)})"
+            )
         backbone.load_state_dict({k: v for k, v in state.items() if k not in mismatched}, strict=False)
         skipped = sorted(mismatched)
     else:
         head_differs = any(k.startswith(head + ".") for k in target) and num_classes != _source_head_size(state)
-        skipped = load_weights_in_order(backbone, state, skip_prefixes=(head + ".",) if head_differs else (),
-                                        source=str(path))
-    log.info("loaded %s into %s%s", path, type(backbone).__name__,
-             f" (head re-initialised: {', '.join(skipped)})" if skipped else "")
+        skipped = load_weights_in_order(
+            backbone, state, skip_prefixes=(head + ".",) if head_differs else (), source=str(path)
+        )
+    log.info(
+        "loaded %s into %s%s",
+        path,
+        type(backbone).__name__,
+        f" (head re-initialised: {', '.join(skipped)})" if skipped else "",
+    )
 
 
 def _source_head_size(state: Mapping[str, Tensor]) -> int | None:
@@ -219,7 +226,14 @@ def build_classifier(
     net = TissueClassifier(backbone, normalize)
     # the arguments that rebuild this network (TissueClassifierModule stores them as ``net_spec`` in checkpoints,
     # also when LightningCLI built the network from a config)
-    net.spec = {"name": name, "num_classes": num_classes, "pretrained": pretrained, "stain_norm": stain_norm,
-                "learnable_stain": learnable_stain, "lab_mean": list(lab_mean), "lab_std": list(lab_std),
-                "drop_rate": drop_rate}
+    net.spec = {
+        "name": name,
+        "num_classes": num_classes,
+        "pretrained": pretrained,
+        "stain_norm": stain_norm,
+        "learnable_stain": learnable_stain,
+        "lab_mean": list(lab_mean),
+        "lab_std": list(lab_std),
+        "drop_rate": drop_rate,
+    }
     return net

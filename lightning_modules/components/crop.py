@@ -87,8 +87,10 @@ def mask_window(mask: Tensor, *, margin: int, unit: int, factor: int, max_fracti
             ``factor``.
     """
     if margin < 0 or unit < 1 or factor < 1 or unit % factor or not 0 < max_fraction <= 1:
-        raise ValueError(f"bad window settings: margin {margin}, unit {unit}, factor {factor}, max_fraction "
-                         f"{max_fraction} (need margin >= 0, unit a multiple of factor, 0 < max_fraction <= 1)")
+        raise ValueError(
+            f"bad window settings: margin {margin}, unit {unit}, factor {factor}, max_fraction "
+            f"{max_fraction} (need margin >= 0, unit a multiple of factor, 0 < max_fraction <= 1)"
+        )
     mask = mask.reshape(mask.shape[-2:]).bool()
     height, width = mask.shape
     if height % factor or width % factor:

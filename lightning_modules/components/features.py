@@ -71,8 +71,9 @@ class PerceptualLoss(_Frozen):
         pretrained: Load the bundled weights when ``network`` is None.
     """
 
-    def __init__(self, stages: Sequence[int] = (0, 1, 2), network: nn.Module | None = None,
-                 pretrained: bool = True) -> None:
+    def __init__(
+        self, stages: Sequence[int] = (0, 1, 2), network: nn.Module | None = None, pretrained: bool = True
+    ) -> None:
         super().__init__(network, pretrained)
         if not stages or any(not 0 <= s <= 4 for s in stages):
             raise ValueError(f"stages must be a non-empty list of indices in 0..4, got {list(stages)}")

@@ -30,8 +30,11 @@ def opencv_inpaint(images: torch.Tensor, mask: torch.Tensor, method: str = "tele
     holes = (mask.detach().cpu() > 0.5).squeeze(1).numpy()
     out = []
     for img, hole in zip(imgs.permute(0, 2, 3, 1).numpy(), holes, strict=True):
-        filled = cv2.inpaint(np.ascontiguousarray(img), hole.astype(np.uint8) * 255, radius, METHODS[method]) \
-            if hole.any() else img
+        filled = (
+            cv2.inpaint(np.ascontiguousarray(img), hole.astype(np.uint8) * 255, radius, METHODS[method])
+            if hole.any()
+            else img
+        )
         out.append(filled)
     filled = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
     keep = mask.detach().cpu() <= 0.5

@@ -199,7 +199,12 @@ def identity(mask: np.ndarray, severity: float = 0, rng: np.random.Generator | N
 
 
 PERTURBATIONS: dict[str, Callable[..., np.ndarray]] = {
-    "none": identity, "erode": erode, "dilate": dilate, "shift": shift, "miss": miss, "blobs": blobs,
+    "none": identity,
+    "erode": erode,
+    "dilate": dilate,
+    "shift": shift,
+    "miss": miss,
+    "blobs": blobs,
 }
 
 

@@ -379,8 +379,13 @@ class RestorationPipeline(torch.nn.Module):
         config = sampler.config
         with self._autocast(device):
             if config.crop and config.paste_back:
-                windows = plan_windows(artifact_mask, margin=config.crop_margin, unit=self.unit, factor=self.factor,
-                                       max_fraction=config.crop_max_fraction)
+                windows = plan_windows(
+                    artifact_mask,
+                    margin=config.crop_margin,
+                    unit=self.unit,
+                    factor=self.factor,
+                    max_fraction=config.crop_max_fraction,
+                )
                 out = restore_windows(self._latent_stage(sampler, generator), corrupted, artifact_mask, windows)
                 active = [i for i, window in enumerate(windows) if window is not None]
             else:
@@ -404,14 +409,24 @@ class RestorationPipeline(torch.nn.Module):
             encode = decode = lambda x: x  # noqa: E731
 
         def run(corrupted: torch.Tensor, artifact_mask: torch.Tensor) -> torch.Tensor:
-            return restore(encode, decode, sampler, unet_callable(self.unet), corrupted, artifact_mask,
-                           factor=self.factor, generator=generator, conditional=self.conditional,
-                           residual=self.residual)
+            return restore(
+                encode,
+                decode,
+                sampler,
+                unet_callable(self.unet),
+                corrupted,
+                artifact_mask,
+                factor=self.factor,
+                generator=generator,
+                conditional=self.conditional,
+                residual=self.residual,
+            )
 
         return run
 
-    def _refine_tiles(self, corrupted: torch.Tensor, coarse: torch.Tensor, mask: torch.Tensor, config: SamplerConfig,
-                      tiles: list[int]) -> torch.Tensor:
+    def _refine_tiles(
+        self, corrupted: torch.Tensor, coarse: torch.Tensor, mask: torch.Tensor, config: SamplerConfig, tiles: list[int]
+    ) -> torch.Tensor:
         """:meth:`_refine` on the whole tiles listed in ``tiles`` (all of them: one call on the batch as it is)."""
         if len(tiles) == corrupted.shape[0]:
             return self._refine(corrupted, coarse, mask, config)
@@ -420,8 +435,9 @@ class RestorationPipeline(torch.nn.Module):
         out[index] = self._refine(corrupted[index], coarse[index], mask[index], config).to(out.dtype)
         return out
 
-    def _refine(self, corrupted: torch.Tensor, coarse: torch.Tensor, mask: torch.Tensor,
-                config: SamplerConfig) -> torch.Tensor:
+    def _refine(
+        self, corrupted: torch.Tensor, coarse: torch.Tensor, mask: torch.Tensor, config: SamplerConfig
+    ) -> torch.Tensor:
         """Run the refiner on the latent stage's restoration and paste the result back (clean pixels bit-exact).
 
         The paste is hard (no feather): the refiner sees the input around the mask and is trained to meet it at the
@@ -439,8 +455,9 @@ def _pipeline_factory(preset: str, method: str):
             raise ValueError(f"method {method!r} needs --model PIPELINE_DIR")
         pipe = RestorationPipeline.from_pretrained(model, device=device, precision=precision)
         if pipe.codec is None:
-            raise ValueError(f"method {method!r} needs a latent pipeline; {model} is a pixel-space one (use method "
-                             "artifusion)")
+            raise ValueError(
+                f"method {method!r} needs a latent pipeline; {model} is a pixel-space one (use method artifusion)"
+            )
         if method == "latent-conditional" and not pipe.conditional:
             raise ValueError(
                 f"{model} holds the unconditional (paper) denoiser; method 'latent-conditional' needs a pipeline "

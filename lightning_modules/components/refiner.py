@@ -62,8 +62,9 @@ def unsharp(image: Tensor, sigma: float = UNSHARP_SIGMA, amount: float = UNSHARP
     k = torch.exp(-0.5 * (t / sigma) ** 2)
     k = (k / k.sum()).to(image.dtype)
     c = image.shape[1]
-    padded = F.pad(image, (radius, radius, radius, radius), mode="reflect" if min(image.shape[-2:]) > radius
-                   else "replicate")
+    padded = F.pad(
+        image, (radius, radius, radius, radius), mode="reflect" if min(image.shape[-2:]) > radius else "replicate"
+    )
     blurred = F.conv2d(padded, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
     blurred = F.conv2d(blurred, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
     return (image + amount * (image - blurred)).clamp(-1, 1)
@@ -94,8 +95,15 @@ class RefinerConfig:
     @classmethod
     def from_dict(cls, c: dict) -> "RefinerConfig":
         """The config stored in ``refiner.json`` or a checkpoint's ``net_config`` (format 1: no ``candidates``)."""
-        return cls(c["encoder"], tuple(c["out_indices"]), tuple(c["decoder_channels"]), int(c["final_channels"]),
-                   float(c["gate_bias"]), tuple(c.get("candidates", ("corrupted", "coarse"))), c.get("extra", {}))
+        return cls(
+            c["encoder"],
+            tuple(c["out_indices"]),
+            tuple(c["decoder_channels"]),
+            int(c["final_channels"]),
+            float(c["gate_bias"]),
+            tuple(c.get("candidates", ("corrupted", "coarse"))),
+            c.get("extra", {}),
+        )
 
     @property
     def in_channels(self) -> int:
@@ -123,18 +131,26 @@ class PixelRefiner(nn.Module):
     def __init__(self, config: RefinerConfig) -> None:
         super().__init__()
         if len(config.decoder_channels) != len(config.out_indices):
-            raise ValueError(f"decoder_channels {config.decoder_channels} needs one entry per stage "
-                             f"{config.out_indices}")
+            raise ValueError(
+                f"decoder_channels {config.decoder_channels} needs one entry per stage {config.out_indices}"
+            )
         config.candidates = tuple(config.candidates)
         bad = [c for c in config.candidates if c not in CANDIDATES]
         if not config.candidates or bad or len(set(config.candidates)) != len(config.candidates):
-            raise ValueError(f"refiner candidates must be distinct names from {list(CANDIDATES)}, got "
-                             f"{list(config.candidates)}")
+            raise ValueError(
+                f"refiner candidates must be distinct names from {list(CANDIDATES)}, got {list(config.candidates)}"
+            )
         self.config = config
         in_channels = config.in_channels
-        self.encoder = drop_unused_stages(timm.create_model(config.encoder, features_only=True, pretrained=False,
-                                                            out_indices=tuple(config.out_indices),
-                                                            in_chans=in_channels))
+        self.encoder = drop_unused_stages(
+            timm.create_model(
+                config.encoder,
+                features_only=True,
+                pretrained=False,
+                out_indices=tuple(config.out_indices),
+                in_chans=in_channels,
+            )
+        )
         chans = self.encoder.feature_info.channels()
         self.stride = self.encoder.feature_info.reduction()[-1]
         blocks, cin = [], chans[-1]
@@ -192,8 +208,10 @@ class PixelRefiner(nn.Module):
             ValueError: If the shapes disagree.
         """
         if corrupted.shape != coarse.shape or mask.shape[-2:] != corrupted.shape[-2:] or mask.shape[1] != 1:
-            raise ValueError(f"refiner inputs disagree: corrupted {tuple(corrupted.shape)}, coarse "
-                             f"{tuple(coarse.shape)}, mask {tuple(mask.shape)}")
+            raise ValueError(
+                f"refiner inputs disagree: corrupted {tuple(corrupted.shape)}, coarse "
+                f"{tuple(coarse.shape)}, mask {tuple(mask.shape)}"
+            )
         h, w = corrupted.shape[-2:]
         ph, pw = -h % self.stride, -w % self.stride
         candidates = self.candidates(corrupted, coarse, mask)
@@ -207,8 +225,9 @@ class PixelRefiner(nn.Module):
         return blend + residual[..., :h, :w], logits, candidates
 
 
-def build_refiner(size: str = "cpu", gate_bias: float | None = None,
-                  candidates: tuple[str, ...] | list[str] | None = None) -> PixelRefiner:
+def build_refiner(
+    size: str = "cpu", gate_bias: float | None = None, candidates: tuple[str, ...] | list[str] | None = None
+) -> PixelRefiner:
     """A refiner of a named size: ``"tiny"`` (tests), ``"cpu"`` (2.7 M parameters) or ``"paper"``.
 
     Args:
@@ -220,9 +239,15 @@ def build_refiner(size: str = "cpu", gate_bias: float | None = None,
     if size not in SIZES:
         raise ValueError(f"refiner size must be one of {sorted(SIZES)}, got {size!r}")
     base = SIZES[size]
-    config = RefinerConfig(base.encoder, base.out_indices, base.decoder_channels, base.final_channels,
-                           base.gate_bias if gate_bias is None else float(gate_bias),
-                           base.candidates if candidates is None else tuple(candidates), {"size": size})
+    config = RefinerConfig(
+        base.encoder,
+        base.out_indices,
+        base.decoder_channels,
+        base.final_channels,
+        base.gate_bias if gate_bias is None else float(gate_bias),
+        base.candidates if candidates is None else tuple(candidates),
+        {"size": size},
+    )
     return PixelRefiner(config)
 
 
@@ -236,12 +261,18 @@ def save_refiner(model: PixelRefiner, path: str | os.PathLike, extra: dict | Non
 def load_refiner(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> PixelRefiner:
     """Load a folder written by :func:`save_refiner` (eval mode, no grad); errors name the missing or bad part."""
     path = Path(path)
-    meta = read_export_meta(path, "refiner.json", (1, FORMAT_VERSION),
-                            f"{path} is not a complete refiner folder (needs refiner.json and weights.pt); re-export "
-                            "it (`python -m experiments.export refiner` or `make demo`)")
+    meta = read_export_meta(
+        path,
+        "refiner.json",
+        (1, FORMAT_VERSION),
+        f"{path} is not a complete refiner folder (needs refiner.json and weights.pt); re-export "
+        "it (`python -m experiments.export refiner` or `make demo`)",
+    )
     if not (path / WEIGHTS).is_file():
-        raise FileNotFoundError(f"{path} is not a complete refiner folder (no {WEIGHTS}); re-export it "
-                                "(`python -m experiments.export refiner` or `make demo`)")
+        raise FileNotFoundError(
+            f"{path} is not a complete refiner folder (no {WEIGHTS}); re-export it "
+            "(`python -m experiments.export refiner` or `make demo`)"
+        )
     legacy = int(meta["format_version"]) == 1
     model = PixelRefiner(RefinerConfig.from_dict(meta))
     try:
@@ -250,8 +281,9 @@ def load_refiner(path: str | os.PathLike, *, device: str | torch.device = "cpu")
             state = _from_format_1(state)
         model.load_state_dict(only_kept_stages(state, model))
     except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError or IndexError on damaged files
-        raise ValueError(f"{path / 'weights.pt'}: cannot load ({' '.join(str(err).split())[:200]}); re-export "
-                         "the refiner") from None
+        raise ValueError(
+            f"{path / 'weights.pt'}: cannot load ({' '.join(str(err).split())[:200]}); re-export the refiner"
+        ) from None
     return model.to(device).eval().requires_grad_(False)
 
 

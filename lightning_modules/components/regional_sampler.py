@@ -42,12 +42,22 @@ StepCallback = Callable[[int, int, Tensor], None]
 
 _PRESETS: dict[str, dict[str, Any]] = {
     "repaint": dict(
-        mask_mode="maxpool", known="renoise", start="noise", paste_back=True, color_match=False,
-        timestep_spacing="trailing", steps_offset=None,
+        mask_mode="maxpool",
+        known="renoise",
+        start="noise",
+        paste_back=True,
+        color_match=False,
+        timestep_spacing="trailing",
+        steps_offset=None,
     ),
     "reference": dict(
-        mask_mode="nearest", known="clean", start="z0", paste_back=False, color_match=True,
-        timestep_spacing="leading", steps_offset=1,
+        mask_mode="nearest",
+        known="clean",
+        start="z0",
+        paste_back=False,
+        color_match=True,
+        timestep_spacing="leading",
+        steps_offset=1,
     ),
 }
 _CHOICES: dict[str, tuple[Any, ...]] = {
@@ -125,8 +135,14 @@ class SamplerConfig:
         for key, choices in _CHOICES.items():
             if getattr(self, key) not in choices:
                 raise ValueError(f"unknown {key} {getattr(self, key)!r}; expected one of {choices}")
-        for key, low in (("num_steps", 1), ("mask_dilate", 0), ("jump_length", 0), ("jump_n_sample", 1),
-                         ("feather", 0), ("crop_margin", 0)):
+        for key, low in (
+            ("num_steps", 1),
+            ("mask_dilate", 0),
+            ("jump_length", 0),
+            ("jump_n_sample", 1),
+            ("feather", 0),
+            ("crop_margin", 0),
+        ):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{key} must be an int >= {low}, got {value!r}")
@@ -367,8 +383,14 @@ class RegionalSampler:
                 x_in = scheduler.add_noise(z0, noise, t_batch)
                 x_out = x_in if cfg.known == "renoise" else z0
             x = torch.where(regen, x_in, x_out)
-        log.debug("regional sampling: preset=%s scheduler=%s timesteps=%d..%d nfe=%d", cfg.preset,
-                  type(scheduler).__name__, timesteps[0], timesteps[-1], _count_model_steps(levels))
+        log.debug(
+            "regional sampling: preset=%s scheduler=%s timesteps=%d..%d nfe=%d",
+            cfg.preset,
+            type(scheduler).__name__,
+            timesteps[0],
+            timesteps[-1],
+            _count_model_steps(levels),
+        )
 
         self.nfe = 0
         transitions = list(zip(levels, levels[1:], strict=False))
@@ -482,7 +504,7 @@ ADAPTIVE_SIGMA = 2.0
 def _gaussian_blur(x: Tensor, sigma: float) -> Tensor:
     """Separable Gaussian blur of ``(B, C, H, W)`` with reflect padding."""
     radius = max(1, int(3 * sigma))
-    kernel = torch.exp(-torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device) ** 2 / (2 * sigma**2))
+    kernel = torch.exp(-(torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device) ** 2) / (2 * sigma**2))
     kernel = kernel / kernel.sum()
     c = x.shape[1]
     x = torch.nn.functional.pad(x, (radius,) * 4, mode="reflect")
@@ -582,8 +604,10 @@ def restore(
         ``paste_back`` every pixel outside the mask equals ``corrupted_px`` bit for bit.
     """
     check_mask(artifact_mask_px, "artifact_mask_px")
-    if corrupted_px.ndim != 4 or artifact_mask_px.shape[0] != corrupted_px.shape[0] or (
-        artifact_mask_px.shape[-2:] != corrupted_px.shape[-2:]
+    if (
+        corrupted_px.ndim != 4
+        or artifact_mask_px.shape[0] != corrupted_px.shape[0]
+        or (artifact_mask_px.shape[-2:] != corrupted_px.shape[-2:])
     ):
         raise ValueError(
             f"artifact_mask_px {tuple(artifact_mask_px.shape)} does not match corrupted_px {tuple(corrupted_px.shape)}"

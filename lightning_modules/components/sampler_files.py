@@ -247,5 +247,8 @@ def apply_sampler(
 
 def sampler_record(path: str | Path | None, spec: SamplerSpec | None, kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """What outputs record about the sampler: the file, its content and the effective overrides."""
-    return {"file": None if path is None else str(path), "spec": None if spec is None else spec.to_dict(),
-            "overrides": dict(kwargs)}
+    return {
+        "file": None if path is None else str(path),
+        "spec": None if spec is None else spec.to_dict(),
+        "overrides": dict(kwargs),
+    }

@@ -46,9 +46,7 @@ def _accepted_keys(cls: type) -> set[str]:
     return {p for p in inspect.signature(cls.__init__).parameters if p != "self"}
 
 
-def build_scheduler(
-    name: SchedulerName, config: Mapping[str, Any] | None = None, **overrides: Any
-) -> SchedulerMixin:
+def build_scheduler(name: SchedulerName, config: Mapping[str, Any] | None = None, **overrides: Any) -> SchedulerMixin:
     """Create a diffusers scheduler from a DDPM training configuration.
 
     Args:

@@ -88,8 +88,12 @@ SIZES = {
 def conv_block(cin: int, cout: int) -> nn.Sequential:
     """Two 3x3 conv-BN-ReLU layers (a UNet decoder stage)."""
     return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-        nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
     )
 
 
@@ -105,16 +109,19 @@ class ArtifactSegmenter(nn.Module):
     def __init__(self, config: SegmenterConfig, pretrained: bool | str = False) -> None:
         super().__init__()
         if len(config.decoder_channels) != len(config.out_indices):
-            raise ValueError(f"decoder_channels {config.decoder_channels} needs one entry per stage "
-                             f"{config.out_indices}")
+            raise ValueError(
+                f"decoder_channels {config.decoder_channels} needs one entry per stage {config.out_indices}"
+            )
         self.config = config
         self.encoder = drop_unused_stages(
-            timm.create_model(config.encoder, features_only=True, out_indices=tuple(config.out_indices)))
+            timm.create_model(config.encoder, features_only=True, out_indices=tuple(config.out_indices))
+        )
         if pretrained:
             _load_encoder_weights(self.encoder, config.encoder, pretrained)
         cfg = self.encoder.pretrained_cfg
-        self.normalize = InputNormalize(tuple(cfg.get("mean", (0.485, 0.456, 0.406))),
-                                        tuple(cfg.get("std", (0.229, 0.224, 0.225))))
+        self.normalize = InputNormalize(
+            tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+        )
         chans = self.encoder.feature_info.channels()
         self.stride = self.encoder.feature_info.reduction()[-1]
         dec = list(config.decoder_channels)
@@ -183,20 +190,29 @@ def save_segmenter(model: ArtifactSegmenter, path: str | os.PathLike, extra: dic
 
 def read_segmenter_meta(path: str | os.PathLike) -> dict:
     """``segmenter.json`` of an export folder (no weights are read); errors name the missing part."""
-    return read_export_meta(path, "segmenter.json", FORMAT_VERSION,
-                            f"{path} is not an artifact segmenter (no segmenter.json); train and export one "
-                            "(docs/SLIDES.md)")
+    return read_export_meta(
+        path,
+        "segmenter.json",
+        FORMAT_VERSION,
+        f"{path} is not an artifact segmenter (no segmenter.json); train and export one (docs/SLIDES.md)",
+    )
 
 
 def load_segmenter(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> ArtifactSegmenter:
     """Load a folder written by :func:`save_segmenter` (eval mode); errors name the missing part."""
     path = Path(path)
     meta = read_segmenter_meta(path)
-    config = SegmenterConfig(meta["encoder"], tuple(meta["out_indices"]), tuple(meta["decoder_channels"]),
-                             float(meta["threshold"]), meta.get("extra", {}))
+    config = SegmenterConfig(
+        meta["encoder"],
+        tuple(meta["out_indices"]),
+        tuple(meta["decoder_channels"]),
+        float(meta["threshold"]),
+        meta.get("extra", {}),
+    )
     model = ArtifactSegmenter(config)
-    model.load_state_dict(only_kept_stages(torch.load(path / "weights.pt", map_location="cpu", weights_only=True),
-                                           model))
+    model.load_state_dict(
+        only_kept_stages(torch.load(path / "weights.pt", map_location="cpu", weights_only=True), model)
+    )
     return model.to(device).eval()
 
 
@@ -207,8 +223,9 @@ def _pad_to(rgb: np.ndarray, height: int, width: int) -> np.ndarray:
     return np.pad(rgb, ((0, height - h), (0, width - w), (0, 0)), mode=mode)
 
 
-def segment_images(net: ArtifactSegmenter, images: Sequence[np.ndarray], *, size: tuple[int, int] | None = None,
-                   batch_size: int = 8) -> list[np.ndarray]:
+def segment_images(
+    net: ArtifactSegmenter, images: Sequence[np.ndarray], *, size: tuple[int, int] | None = None, batch_size: int = 8
+) -> list[np.ndarray]:
     """Artifact probability of every pixel of uint8 RGB images, with a loaded segmenter (any image size).
 
     Each image is padded at its bottom and right (reflect; edge for 1 px sides) to ``size`` or, without it, to the

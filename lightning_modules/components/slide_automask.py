@@ -37,9 +37,20 @@ def _cores(starts: tuple[int, ...], tile: int, length: int) -> list[tuple[int, i
     return [(bounds[i], bounds[i + 1]) for i in range(len(starts))]
 
 
-def predict_slide_mask(model_dir: Path, source, info, *, downsample: int, out: Path, tile: int = 256,
-                       overlap: int = 32, batch_size: int = 8, threshold: float | None = None, device: str = "cpu",
-                       progress: bool = True) -> tuple[ImageMask, dict]:
+def predict_slide_mask(
+    model_dir: Path,
+    source,
+    info,
+    *,
+    downsample: int,
+    out: Path,
+    tile: int = 256,
+    overlap: int = 32,
+    batch_size: int = 8,
+    threshold: float | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+) -> tuple[ImageMask, dict]:
     """Predict (or reuse) the artifact map of a slide and wrap it as a mask of the working grid.
 
     Args:
@@ -67,12 +78,22 @@ def predict_slide_mask(model_dir: Path, source, info, *, downsample: int, out: P
         raise SlideInputError(f"--mask-model {model_dir}: {err}") from None
     threshold = net.config.threshold if threshold is None else threshold
     if downsample < 1 or tile % net.stride:
-        raise SlideInputError(f"--mask-downsample {downsample} must be >= 1 and --mask-tile {tile} a multiple of "
-                              f"the segmenter's {net.stride} px stride")
+        raise SlideInputError(
+            f"--mask-downsample {downsample} must be >= 1 and --mask-tile {tile} a multiple of "
+            f"the segmenter's {net.stride} px stride"
+        )
     h, w = -(-info.shape[0] // downsample), -(-info.shape[1] // downsample)
-    key = {"slide": file_fingerprint(info.path), "level": info.level, "to_level0": info.to_level0,
-           "model": file_fingerprint(model_dir), "downsample": downsample, "threshold": threshold, "tile": tile,
-           "overlap": overlap, "shape": [h, w]}
+    key = {
+        "slide": file_fingerprint(info.path),
+        "level": info.level,
+        "to_level0": info.to_level0,
+        "model": file_fingerprint(model_dir),
+        "downsample": downsample,
+        "threshold": threshold,
+        "tile": tile,
+        "overlap": overlap,
+        "shape": [h, w],
+    }
     fingerprint = _key_fingerprint(key)
     meta_path = out.with_suffix(".json")
     if out.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()).get("key") == key:
@@ -89,8 +110,10 @@ def predict_slide_mask(model_dir: Path, source, info, *, downsample: int, out: P
     todo = []
     for i in range(len(grid)):
         x, y, tw, th = grid.box(i)
-        t = tissue[y * downsample // ts : -(-(y + th) * downsample // ts), x * downsample // ts :
-                   -(-(x + tw) * downsample // ts)]
+        t = tissue[
+            y * downsample // ts : -(-(y + th) * downsample // ts),
+            x * downsample // ts : -(-(x + tw) * downsample // ts),
+        ]
         if t.any():
             todo.append(i)
     bar = tqdm(total=len(todo), desc="artifact mask", unit="tile", disable=not progress)
@@ -114,9 +137,15 @@ def predict_slide_mask(model_dir: Path, source, info, *, downsample: int, out: P
     mask.flush()
     del mask
     tmp.replace(out)
-    figures = {"model": str(model_dir), "downsample": downsample, "threshold": threshold, "tiles": len(grid),
-               "tiles_predicted": len(todo), "seconds": time.perf_counter() - start, "shape": [h, w]}
+    figures = {
+        "model": str(model_dir),
+        "downsample": downsample,
+        "threshold": threshold,
+        "tiles": len(grid),
+        "tiles_predicted": len(todo),
+        "seconds": time.perf_counter() - start,
+        "shape": [h, w],
+    }
     write_json_atomic(meta_path, {"key": key, "figures": figures})
     mask = np.load(out, mmap_mode="r")
     return ImageMask.from_array(mask, info.shape, name=str(out), fingerprint=fingerprint, kind="auto"), figures
-

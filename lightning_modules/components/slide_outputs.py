@@ -51,7 +51,7 @@ def write_preview(path, small: np.ndarray, synthetic: np.ndarray, boxes: dict[st
     out = np.round(out).astype(np.uint8)
     contours, _ = cv2.findContours(syn.astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
     cv2.drawContours(out, contours, -1, (0, 160, 0), 1)
-    for (x, y, bw, bh) in boxes.get("flagged", []):
+    for x, y, bw, bh in boxes.get("flagged", []):
         p0 = (int(x * scale), int(y * scale))
         p1 = (max(p0[0], int((x + bw) * scale) - 1), max(p0[1], int((y + bh) * scale) - 1))
         cv2.rectangle(out, p0, p1, (255, 0, 0), 1)
@@ -61,8 +61,17 @@ def write_preview(path, small: np.ndarray, synthetic: np.ndarray, boxes: dict[st
 def package_versions() -> dict[str, str]:
     """Versions of Python and the packages that shape a restored slide."""
     out = {"python": platform.python_version()}
-    for name in ("torch", "lightning", "diffusers", "numpy", "opencv-python-headless", "openslide-python",
-                 "openslide-bin", "tifffile", "imagecodecs"):
+    for name in (
+        "torch",
+        "lightning",
+        "diffusers",
+        "numpy",
+        "opencv-python-headless",
+        "openslide-python",
+        "openslide-bin",
+        "tifffile",
+        "imagecodecs",
+    ):
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:

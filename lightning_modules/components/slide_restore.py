@@ -193,9 +193,19 @@ class AssemblyStats:
     dice_inter: int = 0
     dice_truth_px: int = 0
     steps: dict[str, list[float]] = field(default_factory=lambda: {"border": [0.0, 0], "inner": [0.0, 0]})
-    errors: dict[str, _Error] = field(default_factory=lambda: {
-        k: _Error() for k in ("input_artifact", "output_artifact", "output_band", "output_interior", "input_band",
-                              "input_interior")})
+    errors: dict[str, _Error] = field(
+        default_factory=lambda: {
+            k: _Error()
+            for k in (
+                "input_artifact",
+                "output_artifact",
+                "output_band",
+                "output_interior",
+                "input_band",
+                "input_interior",
+            )
+        }
+    )
 
     def dice(self) -> float:
         """Dice of the used mask against the truth mask (1 when both are empty)."""
@@ -234,8 +244,19 @@ class SlideAssembler:
         cache_tiles: Decoded tiles kept in memory (an LRU).
     """
 
-    def __init__(self, source, mask, plan: TilePlan, read_tile: Callable[[int], np.ndarray], *, truth_mask=None,
-                 truth=None, seam_band: int = 8, mask_scale: int = 1, cache_tiles: int = 256) -> None:
+    def __init__(
+        self,
+        source,
+        mask,
+        plan: TilePlan,
+        read_tile: Callable[[int], np.ndarray],
+        *,
+        truth_mask=None,
+        truth=None,
+        seam_band: int = 8,
+        mask_scale: int = 1,
+        cache_tiles: int = 256,
+    ) -> None:
         self.source, self.mask, self.plan, self.grid = source, mask, plan, plan.grid
         self.restored = frozenset(plan.restore)
         self.read_tile = lru_cache(maxsize=cache_tiles)(read_tile)
@@ -275,8 +296,17 @@ class SlideAssembler:
         out[synthetic] = np.clip(np.round(acc[synthetic] / wsum[synthetic, None]), 0, 255).astype(np.uint8)
         return rgb, out, synthetic, artifact
 
-    def _measure(self, x: int, y: int, w: int, h: int, inp: np.ndarray, out: np.ndarray, synthetic: np.ndarray,
-                 artifact: np.ndarray) -> None:
+    def _measure(
+        self,
+        x: int,
+        y: int,
+        w: int,
+        h: int,
+        inp: np.ndarray,
+        out: np.ndarray,
+        synthetic: np.ndarray,
+        artifact: np.ndarray,
+    ) -> None:
         s = self.stats
         s.artifact_px += int(artifact.sum())
         s.synthetic_px += int(synthetic.sum())
@@ -327,8 +357,11 @@ class SlideAssembler:
         img = rows_ext.astype(np.int16)
         pairs = (  # (absolute differences, both-synthetic mask, is-border mask) for vertical and horizontal pairs
             (np.abs(img[:, 1:] - img[:, :-1]).mean(-1), syn_ext[:, 1:] & syn_ext[:, :-1], self.edge_cols[None, 1:]),
-            (np.abs(img[1:] - img[:-1]).mean(-1), syn_ext[1:] & syn_ext[:-1],
-             self.edge_rows[first + 1 : first + rows_ext.shape[0], None]),
+            (
+                np.abs(img[1:] - img[:-1]).mean(-1),
+                syn_ext[1:] & syn_ext[:-1],
+                self.edge_rows[first + 1 : first + rows_ext.shape[0], None],
+            ),
         )
         for diff, both, border in pairs:
             border = np.broadcast_to(border, both.shape)

@@ -59,8 +59,11 @@ class TileStore:
         except (OSError, json.JSONDecodeError):
             return ["manifest.json (unreadable)"]
         keys = sorted(set(stored) | set(self.manifest))
-        return [f"{k}: stored {stored.get(k)!r}, now {self.manifest.get(k)!r}" for k in keys
-                if stored.get(k) != self.manifest.get(k)]
+        return [
+            f"{k}: stored {stored.get(k)!r}, now {self.manifest.get(k)!r}"
+            for k in keys
+            if stored.get(k) != self.manifest.get(k)
+        ]
 
     def check(self, *, force: bool) -> None:
         """Raise when the folder holds tiles of other settings and ``force`` is off (read-only, safe on every rank).

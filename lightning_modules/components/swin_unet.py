@@ -47,14 +47,41 @@ SwinSize = Literal["paper", "cpu", "tiny"]
 
 _SWIN_PRESETS: dict[str, dict[str, Any]] = {
     # ArtiFusion / Swin-UNet on 256x256 tiles: 29,671,620 parameters.
-    "paper": dict(sample_size=256, patch_size=4, embed_dim=96, depths=(2, 2, 2, 2), num_heads=(3, 6, 12, 24),
-                  window_size=8, mlp_ratio=4.0, drop_path_rate=0.1),
+    "paper": dict(
+        sample_size=256,
+        patch_size=4,
+        embed_dim=96,
+        depths=(2, 2, 2, 2),
+        num_heads=(3, 6, 12, 24),
+        window_size=8,
+        mlp_ratio=4.0,
+        drop_path_rate=0.1,
+    ),
     # Trainable on 2 CPU cores at 256x256 (3 levels, narrower): 2.05 M parameters.
-    "cpu": dict(sample_size=256, patch_size=4, embed_dim=48, depths=(2, 2, 2), num_heads=(2, 4, 8),
-                window_size=8, mlp_ratio=4.0, drop_path_rate=0.1, time_embed_dim=256),
+    "cpu": dict(
+        sample_size=256,
+        patch_size=4,
+        embed_dim=48,
+        depths=(2, 2, 2),
+        num_heads=(2, 4, 8),
+        window_size=8,
+        mlp_ratio=4.0,
+        drop_path_rate=0.1,
+        time_embed_dim=256,
+    ),
     # Unit tests and smoke runs on 64x64 (or 32x32) tiles.
-    "tiny": dict(sample_size=64, patch_size=4, embed_dim=24, depths=(1, 1), num_heads=(2, 4), window_size=4,
-                 mlp_ratio=2.0, drop_path_rate=0.0, time_embed_dim=64, time_freq_dim=32),
+    "tiny": dict(
+        sample_size=64,
+        patch_size=4,
+        embed_dim=24,
+        depths=(1, 1),
+        num_heads=(2, 4),
+        window_size=4,
+        mlp_ratio=2.0,
+        drop_path_rate=0.0,
+        time_embed_dim=64,
+        time_freq_dim=32,
+    ),
 }
 
 
@@ -125,8 +152,9 @@ class TimeTokenWindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
         trunc_normal_(self.relative_position_bias_table, std=0.02)
-        self.register_buffer("relative_position_index", relative_position_index(window_size, window_size),
-                             persistent=False)
+        self.register_buffer(
+            "relative_position_index", relative_position_index(window_size, window_size), persistent=False
+        )
 
     def bias(self, window: int) -> Tensor:
         """Relative position bias ``(heads, window**2 + 1, window**2 + 1)``, zero in the time token's row/column."""
@@ -169,8 +197,16 @@ class SwinTimeBlock(nn.Module):
         time_embed_dim: Width of the shared time embedding projected to ``dim`` by this block.
     """
 
-    def __init__(self, dim: int, num_heads: int, window_size: int, shifted: bool, mlp_ratio: float,
-                 drop_path: float, time_embed_dim: int) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: int,
+        shifted: bool,
+        mlp_ratio: float,
+        drop_path: float,
+        time_embed_dim: int,
+    ) -> None:
         super().__init__()
         self.window_size = window_size
         self.shifted = shifted
@@ -242,8 +278,16 @@ class PatchExpand(nn.Module):
 class SwinStage(nn.Module):
     """``depth`` Swin blocks of one level, alternating regular and shifted windows."""
 
-    def __init__(self, dim: int, depth: int, num_heads: int, window_size: int, mlp_ratio: float,
-                 drop_paths: list[float], time_embed_dim: int) -> None:
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        window_size: int,
+        mlp_ratio: float,
+        drop_paths: list[float],
+        time_embed_dim: int,
+    ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
             SwinTimeBlock(dim, num_heads, window_size, i % 2 == 1, mlp_ratio, drop_paths[i], time_embed_dim)
@@ -301,8 +345,13 @@ class SwinUNetDenoiser(ModelMixin, ConfigMixin):
             raise ValueError(f"depths {depths} and num_heads {num_heads} must be non-empty and of equal length")
         if min(depths) < 1 or min(num_heads) < 1:
             raise ValueError(f"depths {depths} and num_heads {num_heads} must be positive")
-        for name, value in (("sample_size", sample_size), ("in_channels", in_channels), ("patch_size", patch_size),
-                            ("embed_dim", embed_dim), ("window_size", window_size)):
+        for name, value in (
+            ("sample_size", sample_size),
+            ("in_channels", in_channels),
+            ("patch_size", patch_size),
+            ("embed_dim", embed_dim),
+            ("window_size", window_size),
+        ):
             if value < 1:
                 raise ValueError(f"{name} must be positive, got {value}")
         if not 0.0 <= drop_path_rate < 1.0:
@@ -314,8 +363,15 @@ class SwinUNetDenoiser(ModelMixin, ConfigMixin):
         starts = [sum(depths[:i]) for i in range(levels)]
 
         def stage(i: int) -> SwinStage:
-            return SwinStage(dims[i], depths[i], num_heads[i], window_size, mlp_ratio,
-                             rates[starts[i] : starts[i] + depths[i]], time_embed_dim)
+            return SwinStage(
+                dims[i],
+                depths[i],
+                num_heads[i],
+                window_size,
+                mlp_ratio,
+                rates[starts[i] : starts[i] + depths[i]],
+                time_embed_dim,
+            )
 
         # Timestep -> sinusoidal (time_freq_dim) -> Linear, SiLU, Linear (time_embed_dim), shared by every block.
         self.time_proj = Timesteps(time_freq_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
@@ -350,8 +406,9 @@ class SwinUNetDenoiser(ModelMixin, ConfigMixin):
             raise ValueError(f"sample must be (B, {self.config.in_channels}, H, W), got {tuple(sample.shape)}")
         unit = self.config.patch_size * 2 ** (len(self.config.depths) - 1)
         if sample.shape[-2] % unit or sample.shape[-1] % unit:
-            raise ValueError(f"H and W must be multiples of patch_size * 2**(levels - 1) = {unit}, "
-                             f"got {tuple(sample.shape[-2:])}")
+            raise ValueError(
+                f"H and W must be multiples of patch_size * 2**(levels - 1) = {unit}, got {tuple(sample.shape[-2:])}"
+            )
 
     def forward(
         self, sample: Tensor, timestep: Tensor | int | float, return_dict: bool = True
@@ -432,5 +489,4 @@ def build_pixel_unet(size: Literal["paper", "cpu", "tiny"] = "cpu", *, sample_si
     return build_unet(size, sample_size=sample_size, in_channels=3, out_channels=6)
 
 
-__all__ = ["SwinUNetDenoiser", "build_pixel_unet", "build_swin_unet", "relative_position_index",
-           "shifted_window_mask"]
+__all__ = ["SwinUNetDenoiser", "build_pixel_unet", "build_swin_unet", "relative_position_index", "shifted_window_mask"]

@@ -94,9 +94,7 @@ def q_posterior(x0: Tensor, x_t: Tensor, t: Tensor, alphas_cumprod: Tensor) -> t
     return mean, _gather(tables["posterior_log_variance_clipped"], t, x_t)
 
 
-def p_mean_log_variance(
-    model_output: Tensor, x_t: Tensor, t: Tensor, alphas_cumprod: Tensor
-) -> tuple[Tensor, Tensor]:
+def p_mean_log_variance(model_output: Tensor, x_t: Tensor, t: Tensor, alphas_cumprod: Tensor) -> tuple[Tensor, Tensor]:
     """Mean and log-variance of ``p_theta(x_{t-1} | x_t)`` from an epsilon + learned-range output.
 
     The mean is the posterior mean at the predicted ``x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)``
@@ -116,8 +114,10 @@ def p_mean_log_variance(
     """
     channels = x_t.shape[1]
     if model_output.shape != (x_t.shape[0], 2 * channels, *x_t.shape[2:]):
-        raise ValueError(f"model_output must be (B, 2C, H, W) = {(x_t.shape[0], 2 * channels, *x_t.shape[2:])}, "
-                         f"got {tuple(model_output.shape)}")
+        raise ValueError(
+            f"model_output must be (B, 2C, H, W) = {(x_t.shape[0], 2 * channels, *x_t.shape[2:])}, "
+            f"got {tuple(model_output.shape)}"
+        )
     eps, v = model_output.split(channels, dim=1)
     tables = schedule_tables(alphas_cumprod)
     abar = _gather(tables["alphas_cumprod"], t, x_t)

@@ -174,9 +174,7 @@ def per_image_metrics(
     _check_choices(regions, metrics, mode, boundary_radius)
     _validate_images(preds, target)
     if artifact_mask.shape[0] != preds.shape[0] or artifact_mask.shape[-2:] != preds.shape[-2:]:
-        raise ValueError(
-            f"artifact_mask shape {tuple(artifact_mask.shape)} does not match images {tuple(preds.shape)}"
-        )
+        raise ValueError(f"artifact_mask shape {tuple(artifact_mask.shape)} does not match images {tuple(preds.shape)}")
     masks = region_masks(artifact_mask, regions, boundary_radius)
     x, y = to_uint8_scale(preds), to_uint8_scale(target)
     data_range = PAPER_DATA_RANGE if mode == "paper" else DATA_RANGE

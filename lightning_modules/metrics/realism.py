@@ -88,8 +88,9 @@ def kid(
     if n < 2:
         return {"kid": float("nan"), "kid_std": float("nan"), "patches": int(len(fake))}
     torch.manual_seed(0)  # torchmetrics draws its subsets from the global generator
-    metric = KernelInceptionDistance(feature=feature or PooledFeatures(), subset_size=min(subset_size, n),
-                                     subsets=subsets, normalize=True)
+    metric = KernelInceptionDistance(
+        feature=feature or PooledFeatures(), subset_size=min(subset_size, n), subsets=subsets, normalize=True
+    )
     for part in real.split(64):
         metric.update(((part.float() + 1) / 2).clamp(0, 1), real=True)
     for part in fake.split(64):
