@@ -698,6 +698,7 @@ def run(args: DownstreamJob) -> dict[str, Any]:
         raw = evaluate(module, dm.datasets["test"], restorers, args=args, sampler_kwargs=sampler_kwargs)
         eval_seconds = time.perf_counter() - start
         k, stats = dm.num_classes, {"n_boot": args.n_boot, "seed": args.seed}
+        spec = cli.model.hparams.net_spec or {}  # what the recipe built (build_classifier records it)
         labels = np.asarray(raw["labels"])
         result: dict[str, Any] = {
             "clean": condition_metrics(labels, raw["preds"]["clean"], k, **stats),
@@ -715,10 +716,10 @@ def run(args: DownstreamJob) -> dict[str, Any]:
             "eval_seconds": eval_seconds,
             "config": {
                 "data": args.data,
-                "classifier": cli.model.hparams.net_spec.get("name") if cli.model.hparams.net_spec else args.classifier,
+                "classifier": spec.get("name"),
                 "recipe": recipe_args(args),
-                "pretrained": str(cli.model.hparams.net_spec.get("pretrained")) if cli.model.hparams.net_spec else None,
-                "stain_norm": not args.no_stain_norm,
+                "pretrained": str(spec.get("pretrained")),
+                "stain_norm": spec.get("stain_norm"),
                 "image_size": dm.image_size,
                 "methods": methods,
                 "quick": args.quick,
