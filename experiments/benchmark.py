@@ -6,6 +6,8 @@ Usage:
     python -m experiments.benchmark --config tiny --batch-sizes 1 --precision fp32 --max-seconds 0.5   # smoke run
     python -m experiments.benchmark --device cuda --threads 16 --json gpu.json
     python -m experiments.benchmark --methods latent --sampler experiments/configs/sampler/steps_10.yaml
+    python -m experiments.benchmark --methods latent,latent-conditional,artifusion --precision bf16 --grid \
+        --json outputs/benchmark_grid.json        # scheduler x steps x crop rows, each timed and scored
 
 What it reports, per method x precision x batch size (seconds are medians):
 
@@ -19,6 +21,12 @@ What it reports, per method x precision x batch size (seconds are medians):
   VAE alone, against matmul peaks (fp32 and bf16) measured in the same run on the same device and threads;
 - the pixel/latent ratio of seconds per tile (the paper: 30.71 s / 0.83 s on a GPU);
 - denoiser training images/s with and without the latent cache.
+
+``--grid`` adds, for each latent method, one ``sampler_row`` record per (scheduler, steps, crop) setting: the full
+restore timed end to end at ``--config`` on tiles and masks of ``--quality-data``, and the artifact-region PSNR/SSIM
+of the trained pipeline given by ``--quality-model`` (default: the demo's exports) under the same settings, paired
+against its 50-step whole-tile restore (``psnr_artifact_delta``); ``speed_target`` records name the fastest row within
+0.3 dB and its speed-ups over that reference and over pixel ArtiFusion (``benchmarking/speed_quality.py``).
 
 ``--sampler FILE`` (``experiments/configs/sampler/*.yaml``) and ``--sampler-set KEY=VALUE`` change the sampler
 settings of the diffusion methods (not CycleGAN); their restore records hold the file, its content and the effective
@@ -40,7 +48,8 @@ from pathlib import Path
 
 import torch
 
-from experiments.benchmarking.methods import CONFIGS, METHODS, available_methods, build_bench
+from experiments.benchmarking import speed_quality
+from experiments.benchmarking.methods import CONFIGS, METHODS, available_methods, build_bench, example_batch
 from experiments.benchmarking.records import (
     EXTRAPOLATE_MODES,
     add_batch_speedups,
@@ -48,7 +57,15 @@ from experiments.benchmarking.records import (
     ratio_records,
     restore_record,
 )
-from experiments.benchmarking.tables import machine_line, peak_table, ratio_table, restore_table, training_table
+from experiments.benchmarking.tables import (
+    machine_line,
+    peak_table,
+    ratio_table,
+    restore_table,
+    sampler_grid_table,
+    speed_target_table,
+    training_table,
+)
 from experiments.benchmarking.timing import DTYPES, machine_info, matmul_peak
 from experiments.benchmarking.training import conditional_training_records, training_records
 from experiments.jobs import from_namespace
@@ -59,8 +76,12 @@ from lightning_modules.components.sampler_files import (
     sampler_kwargs,
     sampler_record,
 )
+from lightning_modules.components.schedulers import scheduler_names
 
 log = logging.getLogger("experiments.benchmark")
+DEMO_MODELS = {"latent": Path("outputs/demo/pipeline"), "latent-conditional": Path("outputs/demo/pipeline_conditional")}
+DEMO_QUALITY_DATA = Path("outputs/demo/evalset_unseen")
+LATENT_METHODS = tuple(DEMO_MODELS)
 
 
 def _csv(kind: type, choices: tuple | None = None):
@@ -102,6 +123,14 @@ class BenchmarkJob:
         seed: Torch seed.
         sampler: Sampler settings file for the diffusion methods.
         sampler_set: ``KEY=VALUE`` overrides of single ``SamplerConfig`` fields.
+        grid: Time and score the latent methods under every (scheduler, steps, crop) row.
+        schedulers: Schedulers of the grid.
+        grid_steps: Sampling steps of the grid.
+        crops: Crop settings of the grid (``off``, ``window``, ``decode``; ``benchmarking/speed_quality.py``).
+        quality_model: ``METHOD=DIR`` trained pipelines that score the grid rows (default: the demo's exports).
+        quality_data: Evaluation set that scores the grid rows and whose tiles and masks are timed.
+        quality_tiles: Tiles of ``quality_data`` scored per row.
+        grid_precision: Precisions of the grid rows (``None``: bf16 when ``precision`` has it, else ``precision``).
     """
 
     methods: list[str] | None = None
@@ -120,6 +149,31 @@ class BenchmarkJob:
     seed: int = 0
     sampler: Path | None = None
     sampler_set: list[str] = field(default_factory=list)
+    grid: bool = False
+    schedulers: list[str] = field(default_factory=lambda: list(speed_quality.SCHEDULERS))
+    grid_steps: list[int] = field(default_factory=lambda: list(speed_quality.STEPS))
+    crops: list[str] = field(default_factory=lambda: list(speed_quality.CROPS))
+    quality_model: list[str] = field(default_factory=list)
+    quality_data: Path = DEMO_QUALITY_DATA
+    quality_tiles: int = 16
+    grid_precision: list[str] | None = None
+
+
+def quality_models(args: BenchmarkJob) -> dict[str, Path]:
+    """Trained pipeline folder per latent method: ``--quality-model`` items over the demo's exports that exist.
+
+    Raises:
+        ValueError: An item that is not ``METHOD=DIR`` with a latent method and an existing folder.
+    """
+    models = {m: p for m, p in DEMO_MODELS.items() if (p / "pipeline.json").is_file()}
+    for item in args.quality_model:
+        method, sep, folder = item.partition("=")
+        if not sep or method not in LATENT_METHODS:
+            raise ValueError(f"--quality-model {item!r}: expected METHOD=DIR with METHOD one of {LATENT_METHODS}")
+        if not (Path(folder) / "pipeline.json").is_file():
+            raise ValueError(f"--quality-model {item!r}: {folder}/pipeline.json not found (export a pipeline first)")
+        models[method] = Path(folder)
+    return models
 
 
 def sampler_settings(args: BenchmarkJob) -> tuple:
@@ -192,11 +246,58 @@ def parse_args(argv: list[str] | None = None) -> BenchmarkJob:
         metavar="KEY=VALUE",
         help="set one SamplerConfig field (YAML value) of the diffusion methods; wins over --sampler",
     )
+    p.add_argument(
+        "--grid",
+        action="store_true",
+        help="time and score the latent methods under every --schedulers x --grid-steps x --crops row",
+    )
+    p.add_argument(
+        "--schedulers",
+        type=_csv(str, scheduler_names()),
+        default=list(speed_quality.SCHEDULERS),
+        help=f"schedulers of the grid (default {','.join(speed_quality.SCHEDULERS)})",
+    )
+    p.add_argument(
+        "--grid-steps",
+        type=_csv(int),
+        default=list(speed_quality.STEPS),
+        help=f"sampling steps of the grid (default {','.join(map(str, speed_quality.STEPS))})",
+    )
+    p.add_argument(
+        "--crops",
+        type=_csv(str, speed_quality.CROPS),
+        default=list(speed_quality.CROPS),
+        help="crop settings of the grid: off (whole tile), window (crop), decode (crop_decode) (default all three)",
+    )
+    p.add_argument(
+        "--quality-model",
+        action="append",
+        default=[],
+        metavar="METHOD=DIR",
+        help="trained pipeline scoring a latent method's grid rows (default: the demo's two exports)",
+    )
+    p.add_argument(
+        "--quality-data",
+        type=Path,
+        default=DEMO_QUALITY_DATA,
+        help=f"evaluation set scoring the grid rows; its tiles and masks are also timed (default {DEMO_QUALITY_DATA})",
+    )
+    p.add_argument("--quality-tiles", type=int, default=16, help="tiles scored per grid row (default 16)")
+    p.add_argument(
+        "--grid-precision",
+        type=_csv(str, tuple(DTYPES)),
+        default=None,
+        help="precisions of the grid rows (default: bf16 when --precision has it, else --precision)",
+    )
     args = from_namespace(BenchmarkJob, p.parse_args(argv))
     try:
         sampler_settings(args)
+        if args.grid:
+            quality_models(args)
     except ValueError as err:
         p.error(str(err))
+    if args.grid and args.quality_tiles < 1:
+        p.error("--quality-tiles must be >= 1")
     if args.threads is not None and args.threads < 1:
         p.error("--threads must be positive")
     if args.max_seconds < 0 or args.warmup < 0 or args.train_batch < 1:
@@ -264,9 +365,12 @@ def run(args: BenchmarkJob) -> list[dict]:
                     record["nfe"],
                     time.perf_counter() - start,
                 )
+        if args.grid and method in LATENT_METHODS:
+            records += grid_records(bench, method, args)
         del bench
     add_batch_speedups(records)
     records += ratio_records(records)
+    records += speed_quality.target_records(records)
 
     if args.training:
         common = {
@@ -291,6 +395,87 @@ def run(args: BenchmarkJob) -> list[dict]:
     records[0].update(peaks_flops_per_second=peaks, peak_matmul_size=peak_size)
     add_utilisation(records, peaks)
     return records
+
+
+def grid_records(bench, method: str, args: BenchmarkJob) -> list[dict]:
+    """``sampler_row`` records of one latent method: every grid row timed on the bench, scored by a trained pipeline.
+
+    The bench takes the trained pipeline's sampler settings, default scheduler and pixel refiner, so the timed
+    restore is the scored one at the bench's model sizes. Without a trained pipeline or evaluation set the rows are
+    timed on the benchmark's synthetic band masks and carry no quality columns (logged).
+    """
+    from lightning_modules.components.pipeline import RestorationPipeline
+
+    model = quality_models(args).get(method)
+    tiles = scores = trained = None
+    quality_from = None
+    if model is not None and (args.quality_data / "corrupted").is_dir():
+        tiles = speed_quality.load_quality_tiles(args.quality_data, args.quality_tiles)
+        trained = RestorationPipeline.from_pretrained(model)
+        if trained.conditional != (method == "latent-conditional"):
+            raise SystemExit(f"error: --quality-model {method}={model}: that pipeline is not a {method} one")
+    own_steps = (trained or bench.pipeline).sampler_config.num_steps
+    rows = speed_quality.grid_rows(args.schedulers, args.grid_steps, args.crops, default_steps=own_steps)
+    if trained is not None:
+        scores = speed_quality.score_rows(trained, tiles, rows, seed=args.seed)
+        quality_from = (
+            f"trained pipeline {model} on {args.quality_data} ({len(tiles.names)} tiles, fp32 on the CPU)"
+            f"; the timing is of random {args.config}-config weights with the same sampler settings"
+        )
+        bench.pipeline.sampler_config = trained.sampler_config
+        bench.pipeline.scheduler_name = trained.scheduler_name
+        bench.pipeline.refiner = trained.refiner
+    else:
+        log.warning("%s: no trained pipeline or %s; grid rows are timed only", method, args.quality_data)
+    size = bench.geometry.image_size
+    precisions = args.grid_precision or (["bf16"] if "bf16" in args.precision else args.precision)
+    out = []
+    for precision in precisions:
+        for batch_size in args.batch_sizes:
+            if tiles is not None and tiles.corrupted.shape[-1] == size:
+                x, mask = tiles.take(batch_size)
+            else:
+                x, mask = example_batch(batch_size, size, bench.device)
+            x, mask = x.to(bench.device), mask.to(bench.device)
+            for i, row in enumerate(rows):
+                # the rows share the batch's shapes: warm up once per (precision, batch), before the first row
+                timed = speed_quality.time_row(
+                    bench, row, x, mask, precision, max_seconds=args.max_seconds, warmup=args.warmup if i == 0 else 0
+                )
+                record = {
+                    "record": "sampler_row",
+                    "method": method,
+                    "config": args.config,
+                    "precision": precision,
+                    "batch": batch_size,
+                    "batch_size": batch_size,
+                    "device": str(bench.device),
+                    "row": row.label,
+                    "sampler": row.as_dict(),
+                    "nfe": timed["nfe"],
+                    "seconds_per_tile": timed["seconds_per_batch"] / batch_size,
+                    "reps": timed["reps"],
+                    "how": "measured",
+                    "measured_or_extrapolated": "measured",
+                    "timed_on": "evaluation tiles" if tiles is not None else "synthetic band masks",
+                }
+                if scores is not None:
+                    record.update(speed_quality.quality_fields(scores, row, quality_from))
+                out.append(record)
+                log.info(
+                    "grid %s %s batch %d %s: %.4g s/tile, NFE %d, PSNR delta %s",
+                    method,
+                    precision,
+                    batch_size,
+                    row.label,
+                    record["seconds_per_tile"],
+                    record["nfe"],
+                    "-" if scores is None else f"{record['psnr_artifact_delta']:+.3f}",
+                )
+    reference = {(r["precision"], r["batch"]): r["seconds_per_tile"] for r in out if r["row"] == rows[0].label}
+    for r in out:
+        r["speedup_vs_reference"] = reference[(r["precision"], r["batch"])] / r["seconds_per_tile"]
+    return out
 
 
 def apply_sampler_file(bench, args: BenchmarkJob) -> dict | None:
@@ -345,6 +530,10 @@ def report(records: list[dict]) -> str:
     parts = [machine_line(records), "", "## Restore (seconds per tile, random weights)", "", restore_table(records)]
     if any(r.get("record") == "ratio" for r in records):
         parts += ["", "## Pixel ArtiFusion / latent (seconds per tile)", "", ratio_table(records)]
+    if any(r.get("record") == "sampler_row" for r in records):
+        parts += ["", "## Sampler grid: speed and quality per row", "", sampler_grid_table(records)]
+    if any(r.get("record") == "speed_target" for r in records):
+        parts += ["", "## Fastest row within 0.3 dB of the 50-step whole-tile restore", "", speed_target_table(records)]
     if any(r.get("record") == "training" for r in records):
         parts += ["", "## Denoiser training throughput", "", training_table(records)]
     parts += ["", "## Matmul peak (same run)", "", peak_table(records)]

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from experiments.jobs import from_namespace
+from lightning_modules.components.schedulers import scheduler_names
 
 KINDS = ("vae", "latent", "conditional", "artifusion", "cyclegan", "segmenter", "refiner")
 
@@ -82,7 +83,7 @@ def parse_args(argv: list[str] | None = None) -> ExportJob:
         help="how sampled latents become pixels (latent: full, conditional: the measured default)",
     )
     p.add_argument("--feather", type=int, default=2, help="paste-back seam width in pixels (into the artifact)")
-    p.add_argument("--scheduler", default="ddim", choices=("ddpm", "ddim", "dpmsolver++"))
+    p.add_argument("--scheduler", default="ddim", choices=scheduler_names())
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--paper-sampler", action="store_true", help="artifusion: store the 2410-NFE RePaint preset")
     p.add_argument("--sources", default="bundled", help="vae: tiles for the scaling factor (bundled, folder, slide)")

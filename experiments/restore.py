@@ -88,6 +88,7 @@ from lightning_modules.components.sampler_files import (
     sampler_kwargs,
     sampler_record,
 )
+from lightning_modules.components.schedulers import scheduler_names
 from lightning_modules.components.segmenters import load_segmenter, read_segmenter_meta, segment_images
 from lightning_modules.methods import available_restorers, build_restorer, method_spec
 
@@ -169,7 +170,7 @@ def parse_args(argv: list[str] | None = None) -> RestoreJob:
     p.add_argument("--out", type=Path, required=True, help="output folder (PNGs with the images' relative paths)")
     p.add_argument("--steps", type=int, help="sampling steps, >= 1 (default: the pipeline's)")
     p.add_argument("--preset", choices=("repaint", "reference"), help="sampler preset (default: the pipeline's)")
-    p.add_argument("--scheduler", choices=("ddpm", "ddim", "dpmsolver++"), help="sampling scheduler")
+    p.add_argument("--scheduler", choices=scheduler_names(), help="sampling scheduler")
     p.add_argument("--strength", type=float, help="in (0, 1]: start at strength x T (1 = full regeneration)")
     p.add_argument(
         "--sampler",

@@ -139,3 +139,111 @@ def test_bad_arguments_are_rejected():
         benchmark.parse_args(["--methods", "latent,nope"])
     with pytest.raises(SystemExit):
         benchmark.parse_args(["--batch-sizes", "0"])
+
+
+@pytest.fixture(scope="module")
+def grid_inputs(tmp_path_factory, he_tiles):
+    """A tiny trained-pipeline stand-in (random weights) and a 3-tile evaluation set of the tiny config's size."""
+    from tests.tiny_data import write_tiny_evalset, write_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("grid")
+    return write_tiny_pipeline(root / "pipeline", 64), write_tiny_evalset(root / "evalset", he_tiles, 3, 64)
+
+
+def test_grid_rows_are_timed_end_to_end_and_scored_against_the_50_step_whole_tile_restore(tmp_path, grid_inputs):
+    pipe, evalset = grid_inputs
+    out = tmp_path / "grid.json"
+    args = [*TINY, "--methods", "latent", "--no-training", "--grid", "--schedulers", "ddim,unipc"]
+    args += ["--grid-steps", "2", "--crops", "off,decode", "--quality-model", f"latent={pipe}"]
+    args += ["--quality-data", str(evalset)]
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert benchmark.main([*args, "--json", str(out)]) == 0
+    records = json.loads(out.read_text())
+    rows = [r for r in records if r["record"] == "sampler_row"]
+    # the reference (pipeline scheduler, 50 steps, whole tile), the pipeline's own 4 steps, 2 schedulers x 2 steps;
+    # each with and without the decode-only crop
+    assert [r["row"] for r in rows] == [
+        "default 50",
+        "default 4",
+        "default 4, decode crop",
+        "ddim 2",
+        "ddim 2, decode crop",
+        "unipc 2",
+        "unipc 2, decode crop",
+    ]
+    for r in rows:
+        assert {"method", "config", "precision", "batch", "nfe", "seconds_per_tile", "how", "sampler"} <= set(r)
+        assert r["how"] == "measured" and r["seconds_per_tile"] > 0 and r["reps"] >= 1
+        assert r["quality_tiles"] == 3 and str(pipe) in r["quality_from"] and r["timed_on"] == "evaluation tiles"
+    reference = rows[0]
+    assert reference["psnr_artifact_delta"] == 0 and reference["speedup_vs_reference"] == 1
+    assert reference["nfe"] == 50 and rows[3]["nfe"] == 2 and rows[3]["sampler"]["scheduler"] == "ddim"
+    # two steps of a random denoiser restore differently from fifty: the quality columns come from real restores
+    assert any(abs(r["psnr_artifact_delta"]) > 1e-3 for r in rows[1:])
+    low, high = rows[3]["psnr_artifact_delta_ci"]
+    assert low <= rows[3]["psnr_artifact_delta"] <= high
+    (target,) = [r for r in records if r["record"] == "speed_target"]
+    ok = [r for r in rows if r["psnr_artifact_delta"] >= -0.3]
+    assert target["seconds_per_tile"] == min(r["seconds_per_tile"] for r in ok)
+    assert target["speedup_vs_reference"] == pytest.approx(reference["seconds_per_tile"] / target["seconds_per_tile"])
+    assert "## Sampler grid" in stdout.getvalue()
+
+
+def test_speed_target_takes_the_fastest_row_within_the_tolerance_and_the_fastest_pixel_row():
+    from experiments.benchmarking.speed_quality import REFERENCE, target_records
+
+    def row(name, seconds, delta, sampler=None):
+        return {
+            "record": "sampler_row",
+            "method": "latent",
+            "config": "paper",
+            "precision": "bf16",
+            "batch": 8,
+            "row": name,
+            "sampler": sampler or {"scheduler": "ddim", "num_steps": 4, "crop": "decode"},
+            "seconds_per_tile": seconds,
+            "psnr_artifact_delta": delta,
+        }
+
+    pixel = [
+        {
+            "record": "restore",
+            "method": "artifusion",
+            "config": "paper",
+            "seconds_per_tile": s,
+            "measured_or_extrapolated": h,
+        }
+        for s, h in ((300.0, "extrapolated"), (120.0, "extrapolated"))
+    ]
+    records = [
+        row("default 50", 4.0, 0.0, REFERENCE.as_dict()),
+        row("ddim 4, crop", 0.5, -0.8),  # fastest, but loses too much
+        row("ddim 10, crop", 1.0, -0.2),
+        row("ddim 20", 2.0, +0.1),
+        *pixel,
+    ]
+    (t,) = target_records(records)
+    assert t["row"] == "ddim 10, crop" and t["speedup_vs_reference"] == 4.0 and t["speedup_vs_artifusion"] == 120.0
+    assert t["artifusion_how"] == "extrapolated"
+
+
+def test_grid_refuses_a_quality_model_of_the_other_kind(tmp_path, grid_inputs):
+    pipe, evalset = grid_inputs
+    with pytest.raises(SystemExit, match="not a latent-conditional"):
+        benchmark.main(
+            [*TINY, "--methods", "latent-conditional", "--no-training", "--grid", "--grid-steps", "2", "--schedulers"]
+            + [
+                "ddim",
+                "--crops",
+                "off",
+                "--quality-model",
+                f"latent-conditional={pipe}",
+                "--quality-data",
+                str(evalset),
+            ]
+        )
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--grid", "--quality-model", "latent"])
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--grid", "--quality-model", f"latent={tmp_path / 'missing'}"])

@@ -66,6 +66,10 @@ def test_candidates_are_configurable_and_checked():
     with torch.no_grad():
         g = torch.sigmoid(torch.tensor(2.0))
         torch.testing.assert_close(biased(corrupted, coarse, mask), corrupted + g * (coarse - corrupted))
+    towards_input = build_refiner("tiny", input_bias=2.0, candidates=["corrupted", "coarse"]).eval()
+    assert towards_input.config.input_bias == 2.0
+    with torch.no_grad():
+        torch.testing.assert_close(towards_input(corrupted, coarse, mask), coarse + g * (corrupted - coarse))
     for bad in ([], ["corrupted", "corrupted"], ["median"]):
         with pytest.raises(ValueError, match="candidates"):
             build_refiner("tiny", candidates=bad)

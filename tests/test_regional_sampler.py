@@ -26,7 +26,7 @@ TRAIN = dict(
     clip_sample=False,
     prediction_type="epsilon",
 )
-SCHEDULERS = ["ddpm", "ddim", "dpmsolver++"]
+SCHEDULERS = ["ddpm", "ddim", "dpmsolver++", "unipc"]
 
 
 class Recorder:

@@ -1,4 +1,4 @@
-"""Markdown tables of benchmark records (restore, latent/pixel ratio, training throughput, matmul peak)."""
+"""Markdown tables of benchmark records (restore, latent/pixel ratio, sampler grid, speed target, training, peak)."""
 
 from __future__ import annotations
 
@@ -169,3 +169,80 @@ def machine_line(records: list[dict]) -> str:
         f"machine: {m['cpu_model']} ({m['cpu_count']} CPUs, flags {flags}), {m['threads']} torch threads, "
         f"torch {m['torch']}, diffusers {m['diffusers']}, device {m['device']}{gpu}"
     )
+
+
+def sampler_grid_table(records: list[dict]) -> str:
+    """Speed and quality of every ``sampler_row`` record (``benchmarking/speed_quality.py``)."""
+
+    def delta(r: dict) -> str:
+        if r.get("psnr_artifact_delta") is None:
+            return "-"
+        low, high = r["psnr_artifact_delta_ci"]
+        return f"{r['psnr_artifact_delta']:+.2f} [{low:+.2f}, {high:+.2f}]"
+
+    rows = [
+        [
+            r["method"],
+            r["config"],
+            r["precision"],
+            str(r["batch"]),
+            r["row"],
+            str(r["nfe"]),
+            _fmt(r["seconds_per_tile"], ".4g"),
+            _fmt(r.get("speedup_vs_reference"), ".2f"),
+            _fmt(r.get("psnr_artifact"), ".2f"),
+            _fmt(r.get("ssim_artifact"), ".3f"),
+            delta(r),
+            _fmt(r.get("psnr_artifact_delta_worst"), "+.2f"),
+        ]
+        for r in records
+        if r.get("record") == "sampler_row"
+    ]
+    header = [
+        "method",
+        "config",
+        "precision",
+        "batch",
+        "sampler row",
+        "NFE",
+        "s/tile",
+        "speed-up vs 50 steps",
+        "PSNR (trained)",
+        "SSIM (trained)",
+        "PSNR delta [95 % CI]",
+        "worst tile",
+    ]
+    return markdown_table(header, rows)
+
+
+def speed_target_table(records: list[dict]) -> str:
+    """The fastest quality-preserving row per method, precision and batch, with its speed-ups."""
+    rows = [
+        [
+            r["method"],
+            r["config"],
+            r["precision"],
+            str(r["batch"]),
+            r["row"],
+            _fmt(r["seconds_per_tile"], ".4g"),
+            _fmt(r["psnr_artifact_delta"], "+.3f"),
+            _fmt(r["speedup_vs_reference"], ".2f") + "x" if r["speedup_vs_reference"] else "-",
+            (_fmt(r["speedup_vs_artifusion"], ".1f") + f"x ({r['artifusion_how']})")
+            if r["speedup_vs_artifusion"]
+            else "-",
+        ]
+        for r in records
+        if r.get("record") == "speed_target"
+    ]
+    header = [
+        "method",
+        "config",
+        "precision",
+        "batch",
+        "fastest row",
+        "s/tile",
+        "PSNR delta",
+        "vs 50-step whole tile",
+        "vs fastest pixel ArtiFusion",
+    ]
+    return markdown_table(header, rows)

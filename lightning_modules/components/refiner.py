@@ -82,6 +82,8 @@ class RefinerConfig:
         gate_bias: Initial logit of the ``coarse`` candidate (the others start at 0; 0 = an even blend).
         candidates: Names from :data:`CANDIDATES`, in input order.
         extra: Free-form facts (training steps, loss, data).
+        input_bias: Initial logit of the ``corrupted`` candidate (0 = an even blend; > 0 starts the refiner close to
+            the input, docs/METHOD.md section 10).
     """
 
     encoder: str = "tf_efficientnet_lite0"
@@ -91,6 +93,7 @@ class RefinerConfig:
     gate_bias: float = 0.0
     candidates: tuple[str, ...] = ("corrupted", "coarse", "telea")
     extra: dict = field(default_factory=dict)
+    input_bias: float = 0.0
 
     @classmethod
     def from_dict(cls, c: dict) -> "RefinerConfig":
@@ -103,6 +106,7 @@ class RefinerConfig:
             float(c["gate_bias"]),
             tuple(c.get("candidates", ("corrupted", "coarse"))),
             c.get("extra", {}),
+            float(c.get("input_bias", 0.0)),
         )
 
     @property
@@ -162,9 +166,10 @@ class PixelRefiner(nn.Module):
         self.head = nn.Conv2d(config.final_channels, 3 + len(config.candidates), 1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
-        if "coarse" in config.candidates:
-            with torch.no_grad():
-                self.head.bias[3 + config.candidates.index("coarse")] = config.gate_bias
+        with torch.no_grad():
+            for name, bias in (("coarse", config.gate_bias), ("corrupted", config.input_bias)):
+                if name in config.candidates:
+                    self.head.bias[3 + config.candidates.index(name)] = bias
 
     def heads(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Residual (B, 3, H, W) and candidate logits (B, C, H, W) of an input whose sides are stride multiples."""
@@ -226,7 +231,10 @@ class PixelRefiner(nn.Module):
 
 
 def build_refiner(
-    size: str = "cpu", gate_bias: float | None = None, candidates: tuple[str, ...] | list[str] | None = None
+    size: str = "cpu",
+    gate_bias: float | None = None,
+    candidates: tuple[str, ...] | list[str] | None = None,
+    input_bias: float | None = None,
 ) -> PixelRefiner:
     """A refiner of a named size: ``"tiny"`` (tests), ``"cpu"`` (2.7 M parameters) or ``"paper"``.
 
@@ -235,6 +243,7 @@ def build_refiner(
         gate_bias: Override of the initial logit of ``coarse``.
         candidates: Override of the blended candidates (e.g. ``["corrupted", "telea"]``: a refiner that ignores the
             latent stage, the ablation row of docs/METHOD.md section 10).
+        input_bias: Override of the initial logit of ``corrupted``.
     """
     if size not in SIZES:
         raise ValueError(f"refiner size must be one of {sorted(SIZES)}, got {size!r}")
@@ -247,6 +256,7 @@ def build_refiner(
         base.gate_bias if gate_bias is None else float(gate_bias),
         base.candidates if candidates is None else tuple(candidates),
         {"size": size},
+        base.input_bias if input_bias is None else float(input_bias),
     )
     return PixelRefiner(config)
 

@@ -32,6 +32,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from torch import Tensor
 
 from lightning_modules.components.conditioning import condition_denoiser
+from lightning_modules.components.crop import Window, group_by_size, plan_windows
 from lightning_modules.components.masks import check_mask, to_latent_mask
 from lightning_modules.components.masks import feather as feather_mask
 
@@ -108,6 +109,11 @@ class SamplerConfig:
         crop_margin: pixels of context around the mask's bounding box in the crop window (before rounding the
             window's sides up to the pipeline's unit).
         crop_max_fraction: in ``(0, 1]``; a crop window covering more of the tile than this restores the whole tile.
+        crop_decode: in ``restore``, decode only a window of the sampled latent around each tile's mask (bounding
+            box + ``crop_margin``, on the latent grid; :func:`decode_windows`); encoder
+            and denoiser still see the whole tile. For denoisers whose downsampling makes ``crop`` fall back to the
+            whole tile (the paper UNet needs 256 px windows), this is the part of the VAE work that can be cut.
+            Ignored without ``paste_back``.
     """
 
     preset: Literal["repaint", "reference"] = "repaint"
@@ -130,6 +136,7 @@ class SamplerConfig:
     crop: bool = False
     crop_margin: int = 32
     crop_max_fraction: float = 0.6
+    crop_decode: bool = False
 
     def __post_init__(self) -> None:
         for key, choices in _CHOICES.items():
@@ -150,7 +157,7 @@ class SamplerConfig:
             raise ValueError(f"strength must be in (0, 1], got {self.strength!r}")
         if int(self.num_steps * self.strength) < 1:
             raise ValueError(f"strength {self.strength} with num_steps {self.num_steps} runs no step")
-        for key in ("refine", "crop"):
+        for key in ("refine", "crop", "crop_decode"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"{key} must be true or false, got {getattr(self, key)!r}")
         fraction = self.crop_max_fraction
@@ -568,6 +575,62 @@ def decode_latents(
     return weight * delta + (1 - weight) * restored.clamp(-1, 1)
 
 
+def decode_windows(
+    decode: Callable[[Tensor], Tensor],
+    z: Tensor,
+    z0: Tensor,
+    corrupted_px: Tensor,
+    artifact_mask_px: Tensor,
+    config: SamplerConfig,
+    factor: int,
+) -> Tensor:
+    """:func:`decode_latents` (and the colour match) on a window around each tile's mask only.
+
+    Each window is the mask's bounding box grown by ``config.crop_margin`` px and snapped to the latent grid
+    (``components/crop.py``; the whole tile above ``crop_max_fraction``); tiles with equal window sizes are decoded
+    in one call on ``(b, C, h / factor, w / factor)`` latent windows, so a tile's pixels do not depend on which
+    tiles share its batch (``experiments.restore`` orders a folder so that equal sizes share batches). Pixels
+    outside the windows are the input's (the paste-back keeps them anyway); tiles with an empty mask are not
+    decoded. The decoder's receptive field makes a window's pixels near its border differ from the whole tile's
+    decode, which the margin keeps away from the mask (docs/METHOD.md section 11 measures the difference).
+
+    Args:
+        decode: ``z -> (B, 3, H, W)`` images in ``[-1, 1]``.
+        z: Restored latents ``(B, C, H / factor, W / factor)``.
+        z0: Latents of the corrupted input, same shape.
+        corrupted_px: ``(B, 3, H, W)`` in ``[-1, 1]``.
+        artifact_mask_px: ``(B, 1, H, W)`` in ``{0, 1}``.
+        config: Supplies ``crop_margin``, ``crop_max_fraction``, ``decode`` and ``color_match``.
+        factor: Pixels per latent cell.
+
+    Returns:
+        ``(B, 3, H, W)``: the decoded windows inside them, the input elsewhere (not clamped, like ``"full"``).
+    """
+    windows = plan_windows(
+        artifact_mask_px, margin=config.crop_margin, unit=factor, factor=factor, max_fraction=config.crop_max_fraction
+    )
+    out = corrupted_px.clone()
+
+    def cells(w: Window, t: Tensor) -> Tensor:
+        return t[..., w.top // factor : (w.top + w.height) // factor, w.left // factor : (w.left + w.width) // factor]
+
+    for group in group_by_size(windows):
+        x = torch.stack([windows[i].crop(corrupted_px[i]) for i in group])
+        decoded = decode_latents(
+            decode,
+            torch.stack([cells(windows[i], z[i]) for i in group]),
+            torch.stack([cells(windows[i], z0[i]) for i in group]),
+            x,
+            config.decode,
+        )
+        if config.color_match:
+            keep = 1 - torch.stack([windows[i].crop(artifact_mask_px[i]) for i in group])
+            decoded = match_color(decoded, x, keep)
+        for i, tile in zip(group, decoded, strict=True):
+            windows[i].crop(out[i]).copy_(tile.to(out.dtype))
+    return out
+
+
 def restore(
     encode: Callable[[Tensor], Tensor],
     decode: Callable[[Tensor], Tensor],
@@ -623,9 +686,12 @@ def restore(
         z = z0 + sampler.sample(denoiser, torch.zeros_like(z0), latent_mask, generator=generator)
     else:
         z = sampler.sample(denoiser, z0, latent_mask, generator=generator)
-    restored = decode_latents(decode, z, z0, corrupted_px, cfg.decode)
-    if cfg.color_match:
-        restored = match_color(restored, corrupted_px, 1 - artifact_mask_px)
+    if cfg.crop_decode and cfg.paste_back:
+        restored = decode_windows(decode, z, z0, corrupted_px, artifact_mask_px, cfg, factor)
+    else:
+        restored = decode_latents(decode, z, z0, corrupted_px, cfg.decode)
+        if cfg.color_match:
+            restored = match_color(restored, corrupted_px, 1 - artifact_mask_px)
     restored = restored.clamp(-1, 1)
     if cfg.paste_back:
         restored = composite(restored, corrupted_px, artifact_mask_px, cfg.feather)
@@ -637,6 +703,7 @@ __all__ = [
     "SamplerConfig",
     "composite",
     "decode_latents",
+    "decode_windows",
     "transmission",
     "match_color",
     "resample_schedule",

@@ -3,8 +3,8 @@
 The denoiser is trained once with a DDPM noise schedule (``num_train_timesteps``, ``beta_schedule``, ``beta_start``,
 ``beta_end``, ``prediction_type``, ...). At inference any scheduler sharing that forward process can drive the
 reverse chain; :func:`build_scheduler` turns the training config (a plain dict, an OmegaConf mapping or an existing
-scheduler's ``.config``) into a fresh DDPM, DDIM or DPM-Solver++ scheduler, keeping only the keys the target class
-accepts. The caller's mapping is never modified.
+scheduler's ``.config``) into a fresh DDPM, DDIM, DPM-Solver++ or UniPC scheduler, keeping only the keys the target
+class accepts. The caller's mapping is never modified.
 
 Example:
     >>> train = build_scheduler("ddpm", num_train_timesteps=1000, beta_schedule="scaled_linear",
@@ -19,17 +19,18 @@ import logging
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 log = logging.getLogger(__name__)
 
-SchedulerName = Literal["ddpm", "ddim", "dpmsolver++"]
+SchedulerName = Literal["ddpm", "ddim", "dpmsolver++", "unipc"]
 
 _CLASSES: dict[str, type[SchedulerMixin]] = {
     "ddpm": DDPMScheduler,
     "ddim": DDIMScheduler,
     "dpmsolver++": DPMSolverMultistepScheduler,
+    "unipc": UniPCMultistepScheduler,
 }
 
 # Keys forced per scheduler name (applied before the caller's overrides).
@@ -51,7 +52,8 @@ def build_scheduler(name: SchedulerName, config: Mapping[str, Any] | None = None
 
     Args:
         name: ``"ddpm"`` (ancestral DDPM, Ho et al. 2020), ``"ddim"`` (Song et al. 2021; deterministic with eta 0) or
-            ``"dpmsolver++"`` (multistep DPM-Solver++, Lu et al. 2022).
+            ``"dpmsolver++"`` (multistep DPM-Solver++, Lu et al. 2022) or ``"unipc"`` (multistep UniPC with its
+            corrector, Zhao et al. 2023, NeurIPS, arXiv 2302.04867).
         config: training-time scheduler settings: a dict, an OmegaConf ``DictConfig`` or another scheduler's
             ``.config``. Keys the target class does not accept (e.g. DDPM's ``variance_type`` for DDIM) and
             diffusers' private keys (``_class_name``...) are dropped. Not modified.
