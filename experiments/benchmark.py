@@ -131,6 +131,7 @@ class BenchmarkJob:
         quality_data: Evaluation set that scores the grid rows and whose tiles and masks are timed.
         quality_tiles: Tiles of ``quality_data`` scored per row.
         grid_precision: Precisions of the grid rows (``None``: bf16 when ``precision`` has it, else ``precision``).
+        check_nfe: NFE of the full restores that validate each extrapolated figure (empty: no check).
     """
 
     methods: list[str] | None = None
@@ -157,6 +158,7 @@ class BenchmarkJob:
     quality_data: Path = DEMO_QUALITY_DATA
     quality_tiles: int = 16
     grid_precision: list[str] | None = None
+    check_nfe: list[int] = field(default_factory=lambda: [10, 40])
 
 
 def quality_models(args: BenchmarkJob) -> dict[str, Path]:
@@ -284,6 +286,12 @@ def parse_args(argv: list[str] | None = None) -> BenchmarkJob:
     )
     p.add_argument("--quality-tiles", type=int, default=16, help="tiles scored per grid row (default 16)")
     p.add_argument(
+        "--check-nfe",
+        type=lambda text: [] if text.strip() in ("", "none") else _csv(int)(text),
+        default=[10, 40],
+        help="NFE of measured restores that validate every extrapolated figure, or 'none' (default 10,40)",
+    )
+    p.add_argument(
         "--grid-precision",
         type=_csv(str, tuple(DTYPES)),
         default=None,
@@ -351,6 +359,7 @@ def run(args: BenchmarkJob) -> list[dict]:
                     max_seconds=args.max_seconds,
                     warmup=args.warmup,
                     extrapolate=args.extrapolate,
+                    check_nfe=args.check_nfe,
                 )
                 records.append({**record, "sampler_file": sampler} if sampler is not None else record)
                 log.info(

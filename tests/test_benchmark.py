@@ -247,3 +247,19 @@ def test_grid_refuses_a_quality_model_of_the_other_kind(tmp_path, grid_inputs):
         benchmark.parse_args(["--grid", "--quality-model", "latent"])
     with pytest.raises(SystemExit):
         benchmark.parse_args(["--grid", "--quality-model", f"latent={tmp_path / 'missing'}"])
+
+
+def test_an_extrapolated_restore_is_checked_against_measured_restores_at_smaller_nfe(tmp_path):
+    out = tmp_path / "check.json"
+    args = [*TINY, "--methods", "artifusion", "--no-training", "--extrapolate", "always", "--check-nfe", "3,6"]
+    benchmark.main([*args, "--json", str(out)])
+    (r,) = _restore(json.loads(out.read_text())).values()
+    assert r["how"] == "extrapolated" and [c["nfe"] for c in r["extrapolation_check"]] == [3, 6]
+    for c in r["extrapolation_check"]:
+        assert c["measured_seconds"] > 0
+        assert c["error"] == pytest.approx(c["predicted_seconds"] / c["measured_seconds"] - 1)
+    assert r["extrapolation_error_max"] == max(abs(c["error"]) for c in r["extrapolation_check"])
+    out2 = tmp_path / "none.json"
+    benchmark.main([*args[:-1], "none", "--json", str(out2)])
+    (r,) = _restore(json.loads(out2.read_text())).values()
+    assert r["extrapolation_check"] == [] and r["extrapolation_error_max"] is None

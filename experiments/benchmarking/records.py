@@ -36,6 +36,7 @@ def restore_record(
     max_seconds: float,
     warmup: int,
     extrapolate: str = "auto",
+    check_nfe: tuple[int, ...] | list[int] = (),
 ) -> dict:
     """Time one method at one precision and batch size and build its record.
 
@@ -49,6 +50,10 @@ def restore_record(
         warmup: Untimed calls before each measurement.
         extrapolate: ``"auto"`` (run the full restore when the estimate fits ``max_seconds``), ``"always"`` (never
             run it, except for single-pass methods whose full restore is the network pass) or ``"never"``.
+        check_nfe: When the restore is extrapolated, also run and time full restores at these smaller NFE (the
+            sampler without RePaint jumps) and compare each with the same model's prediction
+            ``fixed + NFE x (eval + step)``: ``extrapolation_check`` holds measured and predicted seconds and the
+            relative error, so the extrapolated figure is validated in the same run.
 
     Returns:
         The restore record (seconds are medians; ``parts_seconds_per_tile`` holds the component times); the peak and
@@ -78,6 +83,9 @@ def restore_record(
         seconds, label, full_reps = timing.median, "measured", timing.reps
     else:
         seconds, label = estimate, "extrapolated"
+    checks = []
+    if label == "extrapolated" and getattr(bench, "pipeline", None) is not None:
+        checks = [_check_extrapolation(bench, x, mask, precision, n, fixed, per_eval) for n in check_nfe]
 
     vae_flops = flops["encode"] + flops["decode"]
     flops_per_tile = vae_flops + bench.nfe * flops["eval"]
@@ -113,6 +121,35 @@ def restore_record(
         "achieved_flops_per_second": achieved,
         "network_flops_per_second": network_rate,
         "vae_flops_per_second": vae_rate,
+        "how": label,
+        "batch": batch_size,
+        "extrapolation_check": checks,
+        "extrapolation_error_max": max((abs(c["error"]) for c in checks), default=None),
+    }
+
+
+def _check_extrapolation(bench, x, mask, precision: str, nfe: int, fixed: float, per_eval: float) -> dict:
+    """One full restore at ``nfe`` network evaluations (jumps off), timed once, against the parts model."""
+    from dataclasses import replace
+
+    pipe = bench.pipeline
+    saved = pipe.sampler_config
+    pipe.sampler_config = replace(saved, num_steps=nfe, jump_length=0, jump_n_sample=1, strength=1.0)
+    try:
+        expected = pipe.make_sampler().expected_nfe()
+        g = torch.Generator(device=x.device)
+        with torch.no_grad(), autocast(bench.device, precision):
+            timing = measure(
+                lambda: pipe.restore(x, mask, generator=g.manual_seed(0)), bench.device, max_seconds=0.0, warmup=0
+            )
+    finally:
+        pipe.sampler_config = saved
+    predicted = fixed + expected * per_eval
+    return {
+        "nfe": expected,
+        "measured_seconds": timing.median,
+        "predicted_seconds": predicted,
+        "error": predicted / timing.median - 1,
     }
 
 

@@ -17,6 +17,11 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f} %"
 
 
+def _check(checks: list[dict]) -> str:
+    """``NFE n: +e %`` per validation restore of an extrapolated record (model over measured, minus one)."""
+    return ", ".join(f"NFE {c['nfe']}: {100 * c['error']:+.0f} %" for c in checks) or "-"
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """A GitHub-flavoured markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -39,6 +44,7 @@ def restore_table(records: list[dict]) -> str:
                 str(r["nfe"]),
                 _fmt(r["seconds_per_tile"], ".4g"),
                 r["measured_or_extrapolated"],
+                _check(r.get("extrapolation_check") or []),
                 _fmt(r.get("batch_speedup"), ".2f"),
                 _fmt(r["parts_seconds_per_tile"]["eval"] * 1e3, ".3g"),
                 _fmt(r["flops_per_tile"] / 1e9, ".4g"),
@@ -58,6 +64,7 @@ def restore_table(records: list[dict]) -> str:
         "NFE",
         "s/tile",
         "how",
+        "check: measured vs model",
         "batch speed-up",
         "ms/eval/tile",
         "GFLOP/tile",
