@@ -32,7 +32,7 @@ import sys
 import time
 import zlib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ from experiments.cli_errors import (
     check_range,
     run_main,
 )
+from experiments.jobs import from_namespace
 
 log = logging.getLogger("experiments.ablate")
 DEMO = Path("outputs/demo")
@@ -537,8 +538,47 @@ def build_untrained(root: Path, *, size: int = 256, count: int = 7) -> tuple[dic
 # ----------------------------------------------------------------------------------------------------------- CLI
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line arguments."""
+@dataclass
+class AblateJob:
+    """One suite run: the flags of ``python -m experiments.ablate`` as typed values (same names and defaults).
+
+    Attributes:
+        suite: Suite name in ``experiments/ablations/`` or a YAML path.
+        out: Output folder (``None``: ``outputs/ablations/SUITE``).
+        quick: Quick rows, few tiles, first evaluation set.
+        dry_run: List every row and return without loading models.
+        model: ``[NAME=]DIR`` pipeline folders (empty: the demo's exports under ``demo``).
+        evalset: ``[NAME=]DIR`` evaluation sets replacing the suite's (empty: the demo's).
+        demo: Where the demo's exports are looked for.
+        rows: Comma list of row names to run (the reference always runs).
+        seed: Seed of the restorations and the bootstrap.
+        device: Torch device.
+        precision: Autocast precision.
+        batch_size: Tiles per restore call.
+        force: Redo rows that finished earlier.
+        wandb: One wandb run per row.
+        debug: Tracebacks instead of one-line errors.
+    """
+
+    suite: str
+    out: Path | None = None
+    quick: bool = False
+    dry_run: bool = False
+    model: list[str] = field(default_factory=list)
+    evalset: list[str] = field(default_factory=list)
+    demo: Path = DEMO
+    rows: str = ""
+    seed: int = 0
+    device: str = "cpu"
+    precision: str = "bf16"
+    batch_size: int = 4
+    force: bool = False
+    wandb: bool = False
+    debug: bool = False
+
+
+def parse_args(argv: list[str] | None = None) -> AblateJob:
+    """Command-line arguments as an :class:`AblateJob`."""
     p = argparse.ArgumentParser(prog="python -m experiments.ablate", description=__doc__.split("\n\n")[0])
     p.add_argument("--suite", required=True, help="suite name in experiments/ablations/ (or a YAML path)")
     p.add_argument("--out", type=Path, help="output folder (default outputs/ablations/SUITE)")
@@ -567,7 +607,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="redo rows that finished earlier")
     p.add_argument("--wandb", action="store_true", help="one wandb run per row (offline by default)")
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors (or LAF_DEBUG=1)")
-    return p.parse_args(argv)
+    return from_namespace(AblateJob, p.parse_args(argv))
 
 
 def named_folders(items: list[str], flag: str, *, infer=None) -> dict[str, Path]:
@@ -583,7 +623,7 @@ def named_folders(items: list[str], flag: str, *, infer=None) -> dict[str, Path]
     return out
 
 
-def resolve_inputs(args: argparse.Namespace, suite: Suite) -> tuple[dict[str, Path], dict[str, Path], bool]:
+def resolve_inputs(args: AblateJob, suite: Suite) -> tuple[dict[str, Path], dict[str, Path], bool]:
     """Models and evaluation sets from the flags or the demo's exports; ``--quick`` falls back to untrained ones.
 
     Returns:
@@ -666,7 +706,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    args = parse_args(argv)
+    ablate(parse_args(argv))
+    return 0
+
+
+def ablate(args: AblateJob) -> Path | None:
+    """Run a suite (or list its rows with ``dry_run``); returns the written ``ABLATIONS.md`` (None for a dry run).
+
+    Raises:
+        CLIError: A bad suite, row name, flag value or input folder, or a suite that cannot run yet.
+    """
     try:
         suite = load_suite(args.suite)
         row_names = [r.strip() for r in args.rows.split(",") if r.strip()]
@@ -680,14 +729,14 @@ def _main(argv: list[str]) -> int:
     if args.dry_run:
         named_folders(args.model, "--model", infer=method_of)
         print(list_rows(suite, quick=args.quick))
-        return 0
+        return None
     if not suite.implemented:
         raise CLIError(
             f"suite {suite.name} ({suite.kind}) is declared but running it is not implemented yet "
             f"(--dry-run lists its rows)",
             code=1,
         )
-    args.out = check_output_folder(args.out or Path("outputs/ablations") / suite.name)
+    args = replace(args, out=check_output_folder(args.out or Path("outputs/ablations") / suite.name))
     models, evalsets, untrained = resolve_inputs(args, suite)
     options = RunOptions(
         seed=args.seed,
@@ -701,7 +750,7 @@ def _main(argv: list[str]) -> int:
     )
     report = run_suite(suite, args.out, quick=args.quick, models=models, evalsets=evalsets, options=options)
     print(f"wrote {report}")
-    return 0
+    return report
 
 
 if __name__ == "__main__":

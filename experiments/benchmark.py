@@ -132,6 +132,7 @@ class BenchmarkJob:
         quality_tiles: Tiles of ``quality_data`` scored per row.
         grid_precision: Precisions of the grid rows (``None``: bf16 when ``precision`` has it, else ``precision``).
         check_nfe: NFE of the full restores that validate each extrapolated figure (empty: no check).
+        channels_last: Convolution weights in ``torch.channels_last`` (NHWC) for every method.
     """
 
     methods: list[str] | None = None
@@ -159,6 +160,7 @@ class BenchmarkJob:
     quality_tiles: int = 16
     grid_precision: list[str] | None = None
     check_nfe: list[int] = field(default_factory=lambda: [10, 40])
+    channels_last: bool = False
 
 
 def quality_models(args: BenchmarkJob) -> dict[str, Path]:
@@ -286,6 +288,11 @@ def parse_args(argv: list[str] | None = None) -> BenchmarkJob:
     )
     p.add_argument("--quality-tiles", type=int, default=16, help="tiles scored per grid row (default 16)")
     p.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="convolution weights in channels_last (NHWC) memory format for every method",
+    )
+    p.add_argument(
         "--check-nfe",
         type=lambda text: [] if text.strip() in ("", "none") else _csv(int)(text),
         default=[10, 40],
@@ -335,6 +342,11 @@ def run(args: BenchmarkJob) -> list[dict]:
     for method in methods:
         start = time.perf_counter()
         bench = build_bench(method, geometry, device)
+        if args.channels_last:
+            if getattr(bench, "pipeline", None) is not None:
+                bench.pipeline.accelerate(channels_last=True)
+            else:
+                bench.network.to(memory_format=torch.channels_last)
         sampler = apply_sampler_file(bench, args)
         flops = bench.count_flops()
         log.info(
@@ -361,6 +373,7 @@ def run(args: BenchmarkJob) -> list[dict]:
                     extrapolate=args.extrapolate,
                     check_nfe=args.check_nfe,
                 )
+                record["channels_last"] = args.channels_last
                 records.append({**record, "sampler_file": sampler} if sampler is not None else record)
                 log.info(
                     "[%d/%d] %s %s batch %d: %.4g s/tile (%s, NFE %d) in %.1f s",
@@ -467,6 +480,7 @@ def grid_records(bench, method: str, args: BenchmarkJob) -> list[dict]:
                     "how": "measured",
                     "measured_or_extrapolated": "measured",
                     "timed_on": "evaluation tiles" if tiles is not None else "synthetic band masks",
+                    "channels_last": args.channels_last,
                 }
                 if scores is not None:
                     record.update(speed_quality.quality_fields(scores, row, quality_from))

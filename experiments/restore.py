@@ -32,7 +32,8 @@ every file) or a new ``--out``. A bad image or mask is skipped and the run goes 
 resumed and skipped files, with the reasons (also in ``OUT/skipped.tsv``). Exit status: 0 when files were restored or
 resumed, 1 when nothing was (no pair, or every file skipped), 2 for bad arguments, 130 for Ctrl-C.
 
-Determinism: pairs (sorted by relative path) are batched in fixed groups of ``--batch-size``, and each model call draws
+Determinism: pairs (sorted by relative path, or with ``--order mask-size`` by mask bounding-box area, largest first)
+are batched in fixed groups of ``--batch-size``, and each model call draws
 its noise from a generator seeded with ``--seed`` and the relative paths of the tiles in it, so equal inputs and
 settings give byte-identical outputs and a resumed run equals an uninterrupted one (a group with a missing output is
 recomputed as a whole; only the missing files are written).
@@ -118,6 +119,10 @@ class RestoreJob:
         sampler: Sampler settings file (``experiments/configs/sampler/*.yaml``); the fields above win over it.
         sampler_set: ``KEY=VALUE`` overrides of single ``SamplerConfig`` fields (YAML values), applied last.
         batch_size: Tiles per model call (part of the settings a resume must match).
+        channels_last: Pipelines only: convolution weights in ``torch.channels_last`` (part of the settings).
+        compile: Pipelines only: ``torch.compile`` backend of the denoiser (``None``: off; part of the settings).
+        order: ``"name"`` (relative path) or ``"mask-size"`` (largest mask bounding box first, so tiles of similar
+            crop windows share batches; part of the settings).
         seed: Seed of the per-batch noise generators.
         device: Torch device.
         precision: Autocast precision, ``"fp32"``, ``"bf16"`` or ``"fp16"``.
@@ -140,6 +145,9 @@ class RestoreJob:
     sampler: Path | None = None
     sampler_set: list[str] = field(default_factory=list)
     batch_size: int = 4
+    order: str = "name"
+    channels_last: bool = False
+    compile: str | None = None
     seed: int = 0
     device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
     precision: str = "fp32"
@@ -187,6 +195,23 @@ def parse_args(argv: list[str] | None = None) -> RestoreJob:
         help="set one SamplerConfig field (YAML value), e.g. --sampler-set feather=4; repeatable",
     )
     p.add_argument("--batch-size", type=int, default=4, help="tiles per model call, >= 1 (part of the settings)")
+    p.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="pipelines: convolution weights in channels_last (NHWC) memory format (part of the settings)",
+    )
+    p.add_argument(
+        "--compile",
+        metavar="BACKEND",
+        help="pipelines: torch.compile the denoiser with this backend, e.g. inductor (part of the settings)",
+    )
+    p.add_argument(
+        "--order",
+        choices=ORDERS,
+        default="name",
+        help="batch tiles by relative path (name) or largest mask bounding box first (mask-size: with crop or "
+        "crop_decode, tiles of equal window size then share one model call); part of the settings",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision")
@@ -299,6 +324,15 @@ def validate_args(args: RestoreJob) -> tuple[SamplerSpec | None, dict]:
     check_range("--steps", args.steps, low=1)
     check_range("--strength", args.strength, low=0, high=1, low_open=True)
     check_range("--batch-size", args.batch_size, low=1)
+    if (args.channels_last or args.compile) and not has_sampler(args.method, args.model):
+        raise CLIError(
+            f"--method {args.method} does not restore with a pipeline folder, so --channels-last and --compile "
+            "do not apply (they need --model PIPELINE_DIR)"
+        )
+    if args.order not in ORDERS:
+        raise CLIError(f"--order {args.order!r} is unknown; choose one of {', '.join(ORDERS)}")
+    if args.order == "mask-size" and auto_masks(args):
+        raise CLIError("--order mask-size needs mask files; with --masks auto the masks are predicted per batch")
     check_device(args.device)
     check_input_folder(args.images, "--images")
     check_mask_model(args)
@@ -358,6 +392,29 @@ def pair_files(
         for k in sorted(set(mask_index) - set(image_index))
     ]
     return pairs, skipped
+
+
+ORDERS = ("name", "mask-size")
+
+
+def order_by_mask_size(pairs: list[tuple[str, Path, Path | None]], convention: str) -> list[tuple[str, Path, Path]]:
+    """Pairs sorted by their mask's bounding-box area, largest first (ties by relative path).
+
+    With ``crop`` or ``crop_decode`` a tile's window follows its mask's bounding box, and one model call takes one
+    window size, so neighbours in this order share calls and the largest (slowest) work starts first. Masks that
+    cannot be read sort last; their chunk reports them as usual.
+    """
+
+    def area(mask_path: Path) -> int:
+        try:
+            mask = read_mask(mask_path, convention=convention)
+        except ImageReadError:
+            return -1
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        return 0 if rows.size == 0 else int((rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1))
+
+    areas = {key: area(mask_path) for key, _, mask_path in pairs}
+    return sorted(pairs, key=lambda pair: (-areas[pair[0]], pair[0]))
 
 
 def load_pair(img_path: Path, mask_path: Path | None, convention: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -519,6 +576,9 @@ def run_settings(args: RestoreJob, spec: SamplerSpec | None = None) -> dict:
         },
         "seed": args.seed,
         "batch_size": args.batch_size,
+        "order": None if args.order == "name" else args.order,
+        "channels_last": args.channels_last or None,
+        "compile": args.compile,
         "mask_convention": args.mask_convention,
         "mask_model_fingerprint": model_fingerprint(args.mask_model) if auto else None,
         "mask_threshold": threshold,
@@ -628,6 +688,8 @@ def restore_folder(args: RestoreJob, restorer: Restorer | None = None) -> dict:
             f"{args.masks}{why}",
             code=1,
         )
+    if args.order == "mask-size":
+        pairs = order_by_mask_size(pairs, args.mask_convention)
     check_output_folder(args.out)
     settings = run_settings(args, spec)
     timing = check_manifest(args.out, settings, args.force)
@@ -636,6 +698,8 @@ def restore_folder(args: RestoreJob, restorer: Restorer | None = None) -> dict:
     segmenter = load_mask_model(args) if auto else None
     if sampler_requested(args) and not takes_sampler(restorer):
         raise CLIError(f"--method {args.method} has no diffusion sampler, so --sampler and --sampler-set do not apply")
+    if args.channels_last or args.compile:
+        restorer.accelerate(channels_last=args.channels_last, compile=args.compile)
     kwargs = sampler_kw if takes_sampler(restorer) else {}
     nfe = getattr(restorer, "nfe", 0)
     if takes_sampler(restorer):

@@ -21,6 +21,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ from datamodules.imageio import ImageReadError, write_mask_atomic
 from datamodules.pyramid import write_pyramid
 from datamodules.slide_masks import load_mask
 from datamodules.slides import SlideInputError, TileGrid, file_fingerprint, open_slide
+from experiments.jobs import from_namespace
 from lightning_modules.components.slide_outputs import (
     area_mm2,
     mask_image,
@@ -45,8 +47,77 @@ log = logging.getLogger("experiments.restore_slide")
 STORE_FORMAT = 1
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line arguments."""
+@dataclass
+class SlideJob:
+    """One slide restoration: the flags of ``python -m experiments.restore_slide`` as typed values (same names).
+
+    Attributes:
+        slide: Slide (any OpenSlide format) or plain PNG/JPEG/TIFF.
+        out: Output pyramidal TIFF (``OUT.tif``); the mask, preview, report and tile store sit beside it.
+        masks: Mask image aligned to any level, QuPath GeoJSON, or ``"auto"`` (with ``mask_model``).
+        model: Exported pipeline folder of ``method``.
+        method: Name in the method table (``lightning_modules/methods.py``).
+        mask_model: Exported artifact segmenter for ``masks="auto"``.
+        mask_downsample: ``masks="auto"``: predict on the working grid reduced this many times.
+        mask_tile: ``masks="auto"``: segmenter tile on the reduced grid.
+        mask_threshold: ``masks="auto"``: probability threshold (``None``: the model's).
+        level: Pyramid level to restore (``None`` with ``mpp`` unset: 0).
+        mpp: Microns per pixel to restore at (resamples the nearest finer level).
+        tile: Tile side in pixels.
+        overlap: Overlap of neighbouring tiles in pixels (blend width).
+        batch_size: Tiles per model call.
+        device: Torch device.
+        devices: Processes per node (DDP through Lightning when > 1).
+        num_nodes: Nodes (SLURM / torchrun).
+        workers: DataLoader workers per process (DDP path).
+        max_artifact_fraction: Tiles with more artifact are flagged, not restored.
+        jpeg: JPEG-compressed output instead of lossless zlib.
+        jpeg_quality: JPEG quality.
+        seed: Seed of the per-tile noise.
+        steps: Sampling steps (``None``: the pipeline's).
+        precision: Autocast precision.
+        truth_mask: True artifact mask (image or GeoJSON) for the Dice of ``masks``.
+        truth_image: Clean slide on the same grid: PSNR and seam-band PSNR in ``OUT.json``.
+        seam_band: Half-width of the band around tile borders (seam metric).
+        force: Discard a tile store made with other settings.
+        no_progress: No progress bars.
+        max_tiles: Test hook: stop after this many new tiles.
+    """
+
+    slide: Path
+    out: Path
+    masks: str
+    model: Path | None = None
+    method: str = "latent"
+    mask_model: Path | None = None
+    mask_downsample: int = 2
+    mask_tile: int = 256
+    mask_threshold: float | None = None
+    level: int | None = None
+    mpp: float | None = None
+    tile: int = 256
+    overlap: int = 32
+    batch_size: int = 8
+    device: str = field(default_factory=lambda: "cuda" if torch.cuda.is_available() else "cpu")
+    devices: int = 1
+    num_nodes: int = 1
+    workers: int = 0
+    max_artifact_fraction: float = 0.6
+    jpeg: bool = False
+    jpeg_quality: int = 90
+    seed: int = 0
+    steps: int | None = None
+    precision: str = "fp32"
+    truth_mask: str | None = None
+    truth_image: Path | None = None
+    seam_band: int = 8
+    force: bool = False
+    no_progress: bool = False
+    max_tiles: int | None = None
+
+
+def parse_args(argv: list[str] | None = None) -> SlideJob:
+    """Command-line arguments as a :class:`SlideJob`."""
     p = argparse.ArgumentParser(prog="python -m experiments.restore_slide", description=__doc__.split("\n\n")[0])
     p.add_argument("--slide", type=Path, required=True, help="slide (any OpenSlide format) or plain PNG/JPEG/TIFF")
     p.add_argument("--out", type=Path, required=True, help="output pyramidal TIFF (OUT.tif)")
@@ -94,7 +165,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="discard a tile store made with other settings")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--max-tiles", type=int, help=argparse.SUPPRESS)  # test hook: stop after this many new tiles
-    return p.parse_args(argv)
+    return from_namespace(SlideJob, p.parse_args(argv))
 
 
 def derived_paths(out: Path) -> dict[str, Path]:
@@ -109,7 +180,7 @@ def derived_paths(out: Path) -> dict[str, Path]:
     }
 
 
-def store_manifest(args: argparse.Namespace, info, mask) -> dict:
+def store_manifest(args: SlideJob, info, mask) -> dict:
     """Every input and setting that changes a stored tile's pixels."""
     return {
         "format": STORE_FORMAT,
@@ -130,7 +201,7 @@ def store_manifest(args: argparse.Namespace, info, mask) -> dict:
     }
 
 
-def _build_restorer(args: argparse.Namespace, device: str):
+def _build_restorer(args: SlideJob, device: str):
     try:
         restorer = build_restorer(args.method, model=args.model, device=device, precision=args.precision)
     except (FileNotFoundError, ValueError, OSError) as err:
@@ -144,7 +215,7 @@ def _build_restorer(args: argparse.Namespace, device: str):
     return restorer
 
 
-def restore_local(args: argparse.Namespace, source, mask, plan: TilePlan, store: TileStore) -> int:
+def restore_local(args: SlideJob, source, mask, plan: TilePlan, store: TileStore) -> int:
     """Restore the unfinished plan batches in this process; returns the number of tiles restored now."""
     store.prepare(force=args.force)
     done = store.done()
@@ -175,7 +246,7 @@ def restore_local(args: argparse.Namespace, source, mask, plan: TilePlan, store:
     return written
 
 
-def restore_distributed(args: argparse.Namespace, source, mask, plan: TilePlan, store: TileStore) -> tuple[bool, int]:
+def restore_distributed(args: SlideJob, source, mask, plan: TilePlan, store: TileStore) -> tuple[bool, int]:
     """Restore through Lightning's predict loop on ``--devices`` x ``--num-nodes`` processes."""
     from lightning_modules.slide_predict import predict_tiles
 
@@ -199,7 +270,7 @@ def restore_distributed(args: argparse.Namespace, source, mask, plan: TilePlan, 
     )
 
 
-def assemble(args: argparse.Namespace, source, info, mask, plan: TilePlan, store: TileStore) -> dict:
+def assemble(args: SlideJob, source, info, mask, plan: TilePlan, store: TileStore) -> dict:
     """Write OUT.tif, OUT.mask.png and OUT.preview.png from the input and the stored tiles; returns figures."""
     paths = derived_paths(args.out)
     missing = [i for i in plan.restore if not store.has(i)]
@@ -245,7 +316,7 @@ def assemble(args: argparse.Namespace, source, info, mask, plan: TilePlan, store
     }
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: SlideJob) -> dict:
     """Plan, restore (resumably, on one or many processes) and assemble; returns the OUT.json report (rank 0)."""
     start = time.perf_counter()
     if args.out.suffix.lower() not in (".tif", ".tiff"):

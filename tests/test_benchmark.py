@@ -223,8 +223,11 @@ def test_speed_target_takes_the_fastest_row_within_the_tolerance_and_the_fastest
         row("ddim 20", 2.0, +0.1),
         *pixel,
     ]
+    default = {"record": "restore", "method": "latent", "config": "paper", "precision": "bf16", "batch_size": 8}
+    records.append({**default, "nfe": 50, "seconds_per_tile": 5.0, "measured_or_extrapolated": "extrapolated"})
     (t,) = target_records(records)
     assert t["row"] == "ddim 10, crop" and t["speedup_vs_reference"] == 4.0 and t["speedup_vs_artifusion"] == 120.0
+    assert t["speedup_vs_default_restore"] == 5.0 and t["default_restore_nfe"] == 50
     assert t["artifusion_how"] == "extrapolated"
 
 
@@ -263,3 +266,24 @@ def test_an_extrapolated_restore_is_checked_against_measured_restores_at_smaller
     benchmark.main([*args[:-1], "none", "--json", str(out2)])
     (r,) = _restore(json.loads(out2.read_text())).values()
     assert r["extrapolation_check"] == [] and r["extrapolation_error_max"] is None
+
+
+def test_folder_bench_restores_the_whole_folder_per_order_and_batch(tmp_path, grid_inputs, capsys):
+    from experiments import folder_bench
+
+    pipe, evalset = grid_inputs
+    out = tmp_path / "folder.json"
+    argv = ["--model", str(pipe), "--method", "latent", "--images", str(evalset / "corrupted")]
+    argv += ["--masks", str(evalset / "masks"), "--batch-sizes", "1,2", "--sampler-set", "crop_decode=true"]
+    assert folder_bench.main([*argv, "--json", str(out)]) == 0
+    records = json.loads(out.read_text())
+    assert [(r["order"], r["batch_size"]) for r in records] == [
+        ("name", 1),
+        ("name", 2),
+        ("mask-size", 1),
+        ("mask-size", 2),
+    ]
+    assert all(r["tiles"] == 3 and r["tiles_per_second"] > 0 for r in records)
+    assert "crop_decode" in json.dumps(records[0]["sampler"]) and "| mask-size | 2 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        folder_bench.main([*argv, "--orders", "size"])

@@ -1,5 +1,6 @@
 """Crop-only VAE passes (SamplerConfig.crop): window planning, bit-exact paste-back, empty masks, batches, CLI."""
 
+import dataclasses
 import json
 import shutil
 
@@ -365,3 +366,39 @@ def test_crop_decode_keeps_clean_pixels_bit_exact_and_decodes_the_windows_in_one
     assert SamplerConfig.from_preset("reference", crop_decode=True).crop_decode, "kept, but ignored without paste_back"
     with pytest.raises(ValueError, match="crop_decode must be"):
         SamplerConfig(crop_decode=1)
+
+
+def test_order_mask_size_batches_the_largest_masks_first_and_is_part_of_the_settings(crop_pipeline, tmp_path, he_tiles):
+    from experiments import restore as restore_cli
+
+    boxes = {"a": (2, 2, 6, 6), "b": (4, 4, 40, 40), "c": None, "d": (10, 10, 20, 30)}
+    for (name, box), tile in zip(boxes.items(), he_tiles, strict=False):
+        mask = np.zeros((SIZE, SIZE), bool)
+        if box is not None:
+            top, left, h, w = box
+            mask[top : top + h, left : left + w] = True
+        write_image_atomic(tmp_path / "img" / f"{name}.png", tile[:SIZE, :SIZE])
+        write_mask_atomic(tmp_path / "msk" / f"{name}.png", mask)
+    pairs = restore_cli.pair_files(tmp_path / "img", tmp_path / "msk")[0]
+    ordered = restore_cli.order_by_mask_size(pairs, "artifact")
+    assert [key for key, *_ in ordered] == ["b", "d", "a", "c"]
+
+    pipe = RestorationPipeline.from_pretrained(crop_pipeline)
+    job = restore_cli.RestoreJob(
+        images=tmp_path / "img",
+        masks=tmp_path / "msk",
+        out=tmp_path / "out",
+        model=crop_pipeline,
+        method="latent-conditional",
+        batch_size=2,
+        order="mask-size",
+        device="cpu",
+    )
+    result = restore_cli.restore_folder(job, restorer=pipe)
+    assert result["done"] == 4
+    manifest = json.loads((tmp_path / "out" / "restore_manifest.json").read_text())
+    assert manifest["order"] == "mask-size"
+    with pytest.raises(restore_cli.CLIError, match="other settings"):
+        restore_cli.restore_folder(dataclasses.replace(job, order="name"), restorer=pipe)
+    with pytest.raises(restore_cli.CLIError, match="--order"):
+        restore_cli.validate_args(dataclasses.replace(job, order="size"))

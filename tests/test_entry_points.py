@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from datamodules import synthesize
-from experiments import benchmark, downstream, evaluate, export, restore
+from experiments import ablate, benchmark, downstream, evaluate, export, restore, restore_slide
 from experiments.jobs import from_namespace
 from tests.tiny_data import write_tiny_evalset, write_tiny_pipeline
 
@@ -42,8 +42,15 @@ SIZE = 64
             ["vae", "--ckpt", "c", "--out", "o"],
             {"kind": "vae", "ckpt": Path("c"), "out": Path("o")},
         ),
+        (
+            restore_slide.parse_args,
+            restore_slide.SlideJob,
+            ["--slide", "s.tif", "--out", "o.tif", "--masks", "auto"],
+            {"slide": Path("s.tif"), "out": Path("o.tif"), "masks": "auto"},
+        ),
+        (ablate.parse_args, ablate.AblateJob, ["--suite", "sampler"], {"suite": "sampler"}),
     ],
-    ids=["restore", "evaluate", "synthesize", "downstream", "benchmark", "export"],
+    ids=["restore", "evaluate", "synthesize", "downstream", "benchmark", "export", "restore_slide", "ablate"],
 )
 def test_the_parsed_flags_are_the_job_dataclass_with_its_defaults(parse, job, argv, required):
     assert parse(argv) == job(**required), "a flag default and the dataclass default disagree"

@@ -300,3 +300,30 @@ def test_evaluate_reports_non_binary_and_counts_empty_masks(evalset, tmp_path):
     art = summary["metrics"]["id"]["artifact"]["psnr"]
     assert art["n"] == 1 and art["n_empty"] == 1, "the empty mask is counted, not scored as 0"
     assert summary["metrics"]["id"]["whole"]["psnr"]["n"] == 2
+
+
+def test_channels_last_and_compile_keep_the_restoration(pipeline_dir, evalset):
+    x, m = _batch(evalset)
+    plain = RestorationPipeline.from_pretrained(pipeline_dir)
+    expected = plain.restore(x, m, generator=torch.Generator().manual_seed(1))
+    fast = RestorationPipeline.from_pretrained(pipeline_dir).accelerate(channels_last=True, compile="eager")
+    conv = next(p for p in fast.unet.parameters() if p.ndim == 4)
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    assert fast.performance == {"channels_last": True, "compile": "eager"}
+    assert not any("_compiled_unet" in k for k in fast.state_dict()), "the compiled wrapper is not a second copy"
+    out = fast.restore(x, m, generator=torch.Generator().manual_seed(1))
+    keep = (m == 0).expand_as(x)
+    assert torch.equal(out[keep], x[keep])
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=0)
+
+
+def test_restore_command_takes_channels_last_and_compile_for_pipelines_only(pipeline_dir, evalset, tmp_path):
+    argv = ["--images", str(evalset / "corrupted"), "--masks", str(evalset / "masks"), "--device", "cpu"]
+    out = tmp_path / "fast"
+    assert (
+        restore.main([*argv, "--model", str(pipeline_dir), "--out", str(out), "--channels-last", "--compile", "eager"])
+        == 0
+    )
+    manifest = json.loads((out / "restore_manifest.json").read_text())
+    assert manifest["channels_last"] is True and manifest["compile"] == "eager"
+    assert restore.main([*argv, "--method", "telea", "--out", str(tmp_path / "t"), "--channels-last"]) == 2

@@ -229,6 +229,29 @@ class RestorationPipeline(torch.nn.Module):
             raise ValueError("a residual pipeline needs a conditional denoiser")
         self.refiner = refiner.eval().requires_grad_(False) if refiner is not None else None
         self.nfe = 0
+        self._compiled_unet: torch.nn.Module | None = None
+        self.performance = {"channels_last": False, "compile": None}
+
+    def accelerate(self, *, channels_last: bool = False, compile: str | None = None) -> "RestorationPipeline":
+        """Performance options that leave the restoration's definition unchanged (floating-point rounding aside).
+
+        Args:
+            channels_last: Store the convolution weights of the denoiser, the VAE and the refiner in
+                ``torch.channels_last`` (NHWC), the layout oneDNN on CPUs and cuDNN tensor cores prefer.
+            compile: ``torch.compile`` the denoiser with this backend (``"inductor"``, the default one; ``"eager"``
+                only traces, for tests); ``None`` = off. Crop windows of new sizes trigger recompiles.
+
+        Returns:
+            ``self``.
+        """
+        if channels_last:
+            for module in (self.unet, self.codec.vae if self.codec is not None else None, self.refiner):
+                if module is not None:
+                    module.to(memory_format=torch.channels_last)
+        # a plain attribute, not a submodule: the compiled wrapper shares the denoiser's parameters
+        object.__setattr__(self, "_compiled_unet", torch.compile(self.unet, backend=compile) if compile else None)
+        self.performance = {"channels_last": bool(channels_last), "compile": compile}
+        return self
 
     @property
     def factor(self) -> int:
@@ -413,7 +436,7 @@ class RestorationPipeline(torch.nn.Module):
                 encode,
                 decode,
                 sampler,
-                unet_callable(self.unet),
+                unet_callable(self.unet if self._compiled_unet is None else self._compiled_unet),
                 corrupted,
                 artifact_mask,
                 factor=self.factor,
