@@ -338,7 +338,8 @@ class ConditionalBench(_DiffusionBench):
     """latent-conditional: as :class:`LatentBench` with the ``2C + 1``-channel input.
 
     The sampler defaults are the conditional's (``CONDITIONAL_SAMPLER``: one step, adaptive decode, which costs
-    one more VAE decode for the corrupted tile's reconstruction).
+    one more VAE decode for the corrupted tile's reconstruction, and the decode crop, which shrinks both decodes to
+    a window around the mask; the benchmark's band masks span the tile, so here it decodes the whole tile).
     """
 
     name = "latent-conditional"
