@@ -455,7 +455,7 @@ def grid_records(bench, method: str, args: BenchmarkJob) -> list[dict]:
     for precision in precisions:
         for batch_size in args.batch_sizes:
             if tiles is not None and tiles.corrupted.shape[-1] == size:
-                x, mask = tiles.take(batch_size)
+                x, mask = speed_quality.take(tiles, batch_size)
             else:
                 x, mask = example_batch(batch_size, size, bench.device)
             x, mask = x.to(bench.device), mask.to(bench.device)

@@ -15,7 +15,6 @@ quote ratios within one run, and time nothing while other work runs on the machi
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ from experiments.benchmarking.tables import markdown_table
 from experiments.cli_errors import run_main
 from experiments.restore import ORDERS, RestoreJob, load_pair, pair_files, restore_folder, validate_args
 from lightning_modules.components.restorer import takes_sampler
+from lightning_modules.components.slide_store import write_json_atomic
 from lightning_modules.methods import build_restorer
 
 
@@ -130,10 +130,7 @@ def _main(argv: list[str]) -> int:
     records = throughput(job, batch_sizes, orders)
     print(table(records), flush=True)
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.json.with_name(args.json.name + ".tmp")
-        tmp.write_text(json.dumps(records, indent=2))
-        tmp.replace(args.json)
+        write_json_atomic(args.json, records)
     return 0
 
 

@@ -23,15 +23,14 @@ from __future__ import annotations
 
 import itertools
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from datamodules.datasets import to_tensor, to_uint8
-from experiments.benchmarking.timing import autocast, measure, synchronize
+from experiments.benchmarking.timing import autocast, measure
+from experiments.crop_bound import EvalTiles, load_evalset, timed_restore
 from lightning_modules.metrics.functional import per_image_metrics
 from lightning_modules.metrics.statistics import bootstrap_ci
 
@@ -108,23 +107,13 @@ def grid_rows(
     return rows
 
 
-@dataclass
-class QualityTiles:
-    """Evaluation tiles in memory: names, (N, 3, H, W) clean / corrupted in [-1, 1], (N, 1, H, W) masks in {0, 1}."""
-
-    name: str
-    names: list[str]
-    clean: torch.Tensor
-    corrupted: torch.Tensor
-    masks: torch.Tensor
-
-    def take(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first ``n`` corrupted tiles and masks, cycling through the set when it holds fewer."""
-        index = torch.arange(n) % len(self.names)
-        return self.corrupted[index], self.masks[index]
+def take(tiles: EvalTiles, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` corrupted tiles and masks of ``tiles``, cycling through the set when it holds fewer."""
+    index = torch.arange(n) % len(tiles.names)
+    return tiles.corrupted[index], tiles.masks[index]
 
 
-def load_quality_tiles(root: Path, limit: int | None = None) -> QualityTiles:
+def load_quality_tiles(root: Path, limit: int | None = None) -> EvalTiles:
     """The first ``limit`` tiles (by name) of an evaluation set that carry an artifact.
 
     The set holds ``clean/``, ``corrupted/`` and ``masks/``; tiles with an empty mask have no region to score.
@@ -132,14 +121,12 @@ def load_quality_tiles(root: Path, limit: int | None = None) -> QualityTiles:
     Raises:
         FileNotFoundError: The folder holds no tiles with an artifact.
     """
-    from experiments.crop_bound import load_evalset
-
     tiles = load_evalset(root)
     keep = [i for i in range(len(tiles.names)) if tiles.masks[i].any()][:limit]
     if not keep:
         raise FileNotFoundError(f"{root}: no tile with a non-empty artifact mask to score")
     index = torch.tensor(keep)
-    return QualityTiles(
+    return EvalTiles(
         root.name, [tiles.names[i] for i in keep], tiles.clean[index], tiles.corrupted[index], tiles.masks[index]
     )
 
@@ -170,7 +157,7 @@ def time_row(bench, row: GridRow, x: torch.Tensor, mask: torch.Tensor, precision
     return {"seconds_per_batch": result.median, "reps": result.reps, "nfe": pipe.nfe}
 
 
-def score_rows(pipe, tiles: QualityTiles, rows: list[GridRow], *, batch_size: int = 8, seed: int = 0) -> dict:
+def score_rows(pipe, tiles: EvalTiles, rows: list[GridRow], *, batch_size: int = 8, seed: int = 0) -> dict:
     """Per-tile artifact-region PSNR and SSIM of the trained pipeline under every row, and its seconds.
 
     All rows of one batch share the seed, so the reference and a row differ only by their settings.
@@ -186,14 +173,8 @@ def score_rows(pipe, tiles: QualityTiles, rows: list[GridRow], *, batch_size: in
             part = slice(start, start + batch_size)
             x, mask = tiles.corrupted[part].to(device), tiles.masks[part].to(device)
             for row in rows:
-                synchronize(device)
-                t0 = time.perf_counter()
-                restored = pipe.restore(
-                    x, mask, generator=torch.Generator(device).manual_seed(seed + b), **row.restore_kwargs()
-                )
-                synchronize(device)
-                out[row]["seconds"] += time.perf_counter() - t0
-                restored = torch.stack([to_tensor(rgb) for rgb in to_uint8(restored)])
+                restored, seconds = timed_restore(pipe, x, mask, seed + b, row.restore_kwargs())
+                out[row]["seconds"] += seconds
                 scores = per_image_metrics(
                     restored, tiles.clean[part], mask.cpu(), regions=("artifact",), metrics=("psnr", "ssim")
                 )
