@@ -234,7 +234,8 @@ class RefinerPoolDataModule(SuiteDataModule):
         batch_size: GLOBAL batch size.
         num_workers: DataLoader workers per device.
         pool_batch_size: Tiles per pipeline call while building the pool.
-        precision: Autocast precision of the pipeline while building (``"bf16"`` or ``"fp32"``).
+        precision: Autocast precision of the pipeline while building (``"bf16"``, ``"fp32"`` or ``"auto"``: bf16
+            where the CPU computes it natively).
         max_tiles: Optional cap per split.
     """
 
@@ -254,7 +255,7 @@ class RefinerPoolDataModule(SuiteDataModule):
         batch_size: int = 8,
         num_workers: int = 0,
         pool_batch_size: int = 8,
-        precision: str = "bf16",
+        precision: str = "auto",
         max_tiles: Mapping[str, int] | None = None,
     ) -> None:
         super().__init__()

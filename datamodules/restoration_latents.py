@@ -29,6 +29,7 @@ from datamodules.artifacts import ArtifactSynthesizer
 from datamodules.datasets import sample_rng, to_mask_tensor, to_tensor
 from datamodules.latents import LatentCacheDataModule, cache_is_valid, fingerprint_module, fingerprint_tiles
 from datamodules.transforms import clean_tile_augmentation
+from lightning_modules.components.hardware import native_bf16
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,9 @@ def build_restoration_cache(
         total=len(dataset) * variants, desc=f"encoding restoration cache ({split})", unit="tile", disable=not progress
     )
     pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+    if autocast_dtype == torch.bfloat16 and not native_bf16(device):
+        autocast_dtype = None  # emulated bf16 (no AVX-512 BF16 / AMX) is ~20x slower: components/hardware.py
 
     def flush() -> None:
         clean = torch.stack([to_tensor(c) for c, _, _ in pending]).to(device)

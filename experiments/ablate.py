@@ -69,7 +69,7 @@ class RunOptions:
     Attributes:
         seed: seeds the mask perturbations and the samplers (per tile batch).
         device: torch device string.
-        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` autocast of the pipelines.
+        precision: ``"fp32"``, ``"bf16"``, ``"fp16"`` or ``"auto"`` (bf16 where native) autocast of the pipelines.
         batch_size: tiles per restore call.
         rows: restrict to these row names (the reference row always runs).
         force: redo finished rows.
@@ -80,7 +80,7 @@ class RunOptions:
 
     seed: int = 0
     device: str = "cpu"
-    precision: str = "bf16"
+    precision: str = "auto"
     batch_size: int = 4
     rows: tuple[str, ...] = ()
     force: bool = False
@@ -90,7 +90,10 @@ class RunOptions:
 
     def hashed(self) -> dict[str, Any]:
         """The fields that change results."""
-        return {"seed": self.seed, "device": self.device, "precision": self.precision, "batch_size": self.batch_size}
+        from lightning_modules.components.hardware import resolve_precision
+
+        precision = resolve_precision(self.precision, self.device)
+        return {"seed": self.seed, "device": self.device, "precision": precision, "batch_size": self.batch_size}
 
 
 @dataclass
@@ -570,7 +573,7 @@ class AblateJob:
     rows: str = ""
     seed: int = 0
     device: str = "cpu"
-    precision: str = "bf16"
+    precision: str = "auto"
     batch_size: int = 4
     force: bool = False
     wandb: bool = False
@@ -602,7 +605,7 @@ def parse_args(argv: list[str] | None = None) -> AblateJob:
     p.add_argument("--rows", default="", help="comma list of row names to run (the reference always runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     p.add_argument("--batch-size", type=int, default=4, help="tiles per restore call, >= 1")
     p.add_argument("--force", action="store_true", help="redo rows that finished earlier")
     p.add_argument("--wandb", action="store_true", help="one wandb run per row (offline by default)")

@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from lightning_modules.components.hardware import resolve_precision
+
 log = logging.getLogger("experiments.demo")
 CONFIGS = Path(__file__).parent / "configs"
 
@@ -575,9 +577,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("outputs/demo"))
     p.add_argument("--quick", action="store_true", help="tiny schedules: a smoke test of every stage")
     p.add_argument("--force", action="store_true", help="redo every stage")
-    p.add_argument("--precision", default="bf16", choices=("fp32", "bf16"), help="restoration autocast precision")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "fp32", "bf16"),
+        help="restoration autocast precision (auto: bf16 where the CPU computes it natively, else fp32)",
+    )
     p.add_argument("--no-baselines", action="store_true", help="skip training pixel ArtiFusion and CycleGAN")
     args = p.parse_args(argv)
+    args.precision = resolve_precision(args.precision, "cpu")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("WANDB_MODE", "offline")
     torch.set_num_threads(max(1, os.cpu_count() or 1))

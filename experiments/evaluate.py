@@ -144,7 +144,7 @@ def parse_args(argv: list[str] | None = None) -> EvaluateJob:
     p.add_argument("--batch-size", type=int, default=4, help="tiles per model call, >= 1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--precision", default="fp32", choices=("auto", "fp32", "bf16", "fp16"))
     p.add_argument("--mask-convention", default="artifact", choices=("artifact", "keep"))
     p.add_argument("--paper-compatible", action="store_true", help="also write the authors' data-range variants")
     p.add_argument("--wandb", action="store_true", help="log a table and the grid to wandb (offline by default)")

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from experiments.report import write_json_atomic
+from lightning_modules.components.hardware import resolve_precision
 
 log = logging.getLogger("experiments.learning_curve")
 METHODS = ("latent", "latent-conditional", "artifusion")
@@ -186,9 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {','.join(METHODS)}")
     p.add_argument("--evalset", type=Path, help="triplet folder to score (default: DEMO/evalset)")
     p.add_argument("--tiles", type=int, help="score only the first N tiles")
-    p.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     p.add_argument("--force", action="store_true", help="retrain methods that have their snapshots")
     args = p.parse_args(argv)
+    args.precision = resolve_precision(args.precision, "cpu")
     try:
         budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
     except ValueError as err:

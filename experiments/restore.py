@@ -214,7 +214,12 @@ def parse_args(argv: list[str] | None = None) -> RestoreJob:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision")
+    p.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16", "fp16"),
+        default="fp32",
+        help="autocast precision (auto: bf16 where the device computes it natively, else fp32)",
+    )
     p.add_argument(
         "--mask-convention",
         choices=("artifact", "keep"),

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from lightning_modules.components.gan_networks import ResnetGenerator
+from lightning_modules.components.hardware import resolve_precision
 from lightning_modules.components.restorer import check_batch
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -37,8 +38,8 @@ class CycleGANRestorer:
     takes_sampler = False
 
     def __init__(self, generator: ResnetGenerator, *, precision: str = "fp32", name: str = "cyclegan") -> None:
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        if precision not in (*PRECISIONS, "auto"):
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)} or 'auto', got {precision!r}")
         self.generator = generator.eval().requires_grad_(False)
         self.precision = precision
         self.name = name
@@ -70,7 +71,7 @@ class CycleGANRestorer:
         """
         check_batch(corrupted, artifact_mask)
         device = next(self.generator.parameters()).device
-        dtype = PRECISIONS[self.precision]
+        dtype = PRECISIONS[resolve_precision(self.precision, device)]
         autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
         with autocast:
             out = self.generator(corrupted.to(device).float(), artifact_mask.to(device).float())
