@@ -98,6 +98,13 @@ def _csv(kind: type, choices: tuple | None = None):
     return parse
 
 
+def default_precisions(device: str | None = None) -> list[str]:
+    """fp32, plus bf16 where ``device`` computes it natively (``components/hardware.py``)."""
+    from lightning_modules.components.hardware import native_bf16
+
+    return ["fp32", "bf16"] if native_bf16(device or _default_device()) else ["fp32"]
+
+
 def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -127,6 +134,8 @@ class BenchmarkJob:
         schedulers: Schedulers of the grid.
         grid_steps: Sampling steps of the grid.
         crops: Crop settings of the grid (``off``, ``window``, ``decode``; ``benchmarking/speed_quality.py``).
+        autoencoders: Autoencoders of the grid (``full``, ``tiny``, ``tiny-decoder``); the tiny ones need trained
+            pipelines holding a distilled tiny autoencoder (``experiments.export tiny-vae``).
         quality_model: ``METHOD=DIR`` trained pipelines that score the grid rows (default: the demo's exports).
         quality_data: Evaluation set that scores the grid rows and whose tiles and masks are timed.
         quality_tiles: Tiles of ``quality_data`` scored per row.
@@ -137,7 +146,7 @@ class BenchmarkJob:
 
     methods: list[str] | None = None
     config: str = "paper"
-    precision: list[str] = field(default_factory=lambda: ["fp32", "bf16"])
+    precision: list[str] = field(default_factory=lambda: default_precisions())
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
     device: str = field(default_factory=_default_device)
     threads: int | None = None
@@ -155,6 +164,7 @@ class BenchmarkJob:
     schedulers: list[str] = field(default_factory=lambda: list(speed_quality.SCHEDULERS))
     grid_steps: list[int] = field(default_factory=lambda: list(speed_quality.STEPS))
     crops: list[str] = field(default_factory=lambda: list(speed_quality.CROPS))
+    autoencoders: list[str] = field(default_factory=lambda: ["full"])
     quality_model: list[str] = field(default_factory=list)
     quality_data: Path = DEMO_QUALITY_DATA
     quality_tiles: int = 16
@@ -178,6 +188,26 @@ def quality_models(args: BenchmarkJob) -> dict[str, Path]:
             raise ValueError(f"--quality-model {item!r}: {folder}/pipeline.json not found (export a pipeline first)")
         models[method] = Path(folder)
     return models
+
+
+def check_tiny_autoencoders(models: dict[str, Path], args: BenchmarkJob) -> None:
+    """Every scoring pipeline of a benchmarked method holds a tiny autoencoder when the grid has tiny rows.
+
+    Raises:
+        ValueError: Naming the pipelines without one and how to add it.
+    """
+    wanted = [m for m in models if args.methods is None or m in args.methods]
+    lacking = [
+        str(models[m])
+        for m in wanted
+        if "tiny_autoencoder" not in json.loads((models[m] / "pipeline.json").read_text())
+    ]
+    if lacking:
+        raise ValueError(
+            f"--autoencoders {','.join(args.autoencoders)}: {', '.join(lacking)} hold no tiny autoencoder; add one "
+            "with `python -m experiments.tiny_vae` or `experiments.export tiny-vae` (docs/TINY_VAE.md), or drop the "
+            "tiny rows"
+        )
 
 
 def sampler_settings(args: BenchmarkJob) -> tuple:
@@ -206,8 +236,9 @@ def parse_args(argv: list[str] | None = None) -> BenchmarkJob:
     p.add_argument(
         "--precision",
         type=_csv(str, tuple(DTYPES)),
-        default=["fp32", "bf16"],
-        help="comma-separated autocast precisions (default: fp32,bf16)",
+        default=None,
+        help="comma-separated autocast precisions (default: fp32,bf16 where the device computes bf16 natively, "
+        "else fp32: emulated bf16 is ~20x slower)",
     )
     p.add_argument("--batch-sizes", type=_csv(int), default=[1, 8], help="comma-separated batch sizes (default: 1,8)")
     p.add_argument("--device", default=_default_device(), help="cpu or cuda[:N]")
@@ -274,6 +305,13 @@ def parse_args(argv: list[str] | None = None) -> BenchmarkJob:
         help="crop settings of the grid: off (whole tile), window (crop), decode (crop_decode) (default all three)",
     )
     p.add_argument(
+        "--autoencoders",
+        type=_csv(str, speed_quality.AUTOENCODERS),
+        default=["full"],
+        help="autoencoders of the grid: full (the VAE), tiny (distilled encoder + decoder), tiny-decoder (VAE "
+        "encoder, tiny decoder); the tiny ones need --quality-model pipelines with a tiny_vae/ (default full)",
+    )
+    p.add_argument(
         "--quality-model",
         action="append",
         default=[],
@@ -304,11 +342,16 @@ def parse_args(argv: list[str] | None = None) -> BenchmarkJob:
         default=None,
         help="precisions of the grid rows (default: bf16 when --precision has it, else --precision)",
     )
-    args = from_namespace(BenchmarkJob, p.parse_args(argv))
+    ns = p.parse_args(argv)
+    if ns.precision is None:
+        ns.precision = default_precisions(ns.device)
+    args = from_namespace(BenchmarkJob, ns)
     try:
         sampler_settings(args)
         if args.grid:
-            quality_models(args)
+            models = quality_models(args)
+            if set(args.autoencoders) - {"full"}:
+                check_tiny_autoencoders(models, args)
     except ValueError as err:
         p.error(str(err))
     if args.grid and args.quality_tiles < 1:
@@ -437,7 +480,11 @@ def grid_records(bench, method: str, args: BenchmarkJob) -> list[dict]:
         if trained.conditional != (method == "latent-conditional"):
             raise SystemExit(f"error: --quality-model {method}={model}: that pipeline is not a {method} one")
     own_steps = (trained or bench.pipeline).sampler_config.num_steps
-    rows = speed_quality.grid_rows(args.schedulers, args.grid_steps, args.crops, default_steps=own_steps)
+    rows = speed_quality.grid_rows(
+        args.schedulers, args.grid_steps, args.crops, default_steps=own_steps, autoencoders=args.autoencoders
+    )
+    if set(args.autoencoders) - {"full"} and bench.pipeline.tiny_vae is None:
+        attach_bench_tiny_autoencoder(bench)
     if trained is not None:
         scores = speed_quality.score_rows(trained, tiles, rows, seed=args.seed)
         quality_from = (
@@ -499,6 +546,16 @@ def grid_records(bench, method: str, args: BenchmarkJob) -> list[dict]:
     for r in out:
         r["speedup_vs_reference"] = reference[(r["precision"], r["batch"])] / r["seconds_per_tile"]
     return out
+
+
+def attach_bench_tiny_autoencoder(bench) -> None:
+    """Give the bench's (random-weight) pipeline a tiny autoencoder of its config's size (``Geometry.tiny_vae``)."""
+    from lightning_modules.components.tiny_autoencoder import build_tiny_autoencoder
+
+    tiny = build_tiny_autoencoder(bench.geometry.tiny_vae, latent_channels=bench.pipeline.codec.latent_channels)
+    bench.pipeline.tiny_vae = tiny.eval().requires_grad_(False).to(bench.device)
+    if bench.pipeline.performance["channels_last"]:
+        bench.pipeline.tiny_vae.to(memory_format=torch.channels_last)
 
 
 def apply_sampler_file(bench, args: BenchmarkJob) -> dict | None:

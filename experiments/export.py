@@ -7,6 +7,7 @@
     python -m experiments.export cyclegan --ckpt runs/.../last.ckpt --out outputs/cyclegan
     python -m experiments.export segmenter --ckpt runs/.../best.ckpt --out outputs/artifact_segmenter
     python -m experiments.export refiner --ckpt runs/.../last.ckpt --out outputs/pipeline_conditional
+    python -m experiments.export tiny-vae --ckpt runs/.../last.ckpt --out outputs/demo/pipeline
 
 - ``vae``: re-estimates the latent scaling factor once on clean validation tiles of ``--sources`` (1 / std of the
   latents) and writes a diffusers ``AutoencoderKL`` folder for ``--model.init_args.autoencoder``.
@@ -20,6 +21,8 @@
 - ``segmenter``: the artifact segmenter for ``restore_slide --masks auto --mask-model``.
 - ``refiner``: the pixel refiner of ``latent-conditional``, ADDED to the existing pipeline folder ``--out``
   (``refiner/`` + a ``refiner`` entry in its ``pipeline.json``).
+- ``tiny-vae``: the distilled tiny autoencoder; ADDED (``tiny_vae/``) to ``--out`` when it is a pipeline folder whose
+  VAE is the teacher (refused otherwise), else written as a folder of its own (docs/TINY_VAE.md).
 """
 
 import argparse
@@ -32,7 +35,7 @@ import torch
 from experiments.jobs import from_namespace
 from lightning_modules.components.schedulers import scheduler_names
 
-KINDS = ("vae", "latent", "conditional", "artifusion", "cyclegan", "segmenter", "refiner")
+KINDS = ("vae", "latent", "conditional", "artifusion", "cyclegan", "segmenter", "refiner", "tiny-vae")
 
 
 @dataclass
@@ -42,7 +45,8 @@ class ExportJob:
     Attributes:
         kind: One of :data:`KINDS`.
         ckpt: Lightning checkpoint written by ``experiments.train``.
-        out: Export folder (for ``refiner``: the pipeline folder it is added to).
+        out: Export folder (for ``refiner``: the pipeline folder it is added to; for ``tiny-vae``: a pipeline folder
+            of the teacher VAE it is added to, or a new folder for the tiny autoencoder alone).
         steps: Default sampling steps stored in a pipeline (``None``: latent/artifusion 50, conditional measured).
         decode: How sampled latents become pixels (``None``: the method's default).
         feather: Paste-back seam width in pixels.
@@ -151,6 +155,8 @@ def export(args: ExportJob) -> Path:
             )
         module = RefinerModule.load_for_export(args.ckpt)
         return attach_refiner(args.out, module.net, {"checkpoint": str(args.ckpt)})
+    if args.kind == "tiny-vae":
+        return _export_tiny_vae(args)
     if args.kind == "segmenter":
         from lightning_modules.segmenter import ArtifactSegmenterModule
 
@@ -160,6 +166,28 @@ def export(args: ExportJob) -> Path:
 
     module = CycleGANModule.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=False)
     return module.export(args.out)
+
+
+def _export_tiny_vae(args: ExportJob) -> Path:
+    """Write the distilled tiny autoencoder; into ``args.out``'s pipeline (``tiny_vae/``) when it is one."""
+    import tempfile
+
+    from lightning_modules.components.pipeline import attach_tiny_autoencoder
+    from lightning_modules.tiny_autoencoder_module import TinyAutoencoderModule
+
+    try:
+        module = TinyAutoencoderModule.load_from_checkpoint(args.ckpt, map_location="cpu", weights_only=False)
+    except FileNotFoundError as err:
+        raise SystemExit(f"{args.ckpt}: its teacher VAE cannot be loaded ({err})") from err
+    extra = {"checkpoint": str(args.ckpt)}
+    if not (args.out / "pipeline.json").is_file():
+        return Path(module.export(args.out, extra=extra))
+    with tempfile.TemporaryDirectory(dir=args.out) as tmp:
+        folder = module.export(Path(tmp) / "tiny_vae", extra=extra)
+        try:
+            return attach_tiny_autoencoder(args.out, folder)
+        except (FileNotFoundError, ValueError) as err:
+            raise SystemExit(str(err)) from err
 
 
 def main(argv: list[str] | None = None) -> int:

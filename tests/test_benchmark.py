@@ -190,6 +190,39 @@ def test_grid_rows_are_timed_end_to_end_and_scored_against_the_50_step_whole_til
     assert "## Sampler grid" in stdout.getvalue()
 
 
+def test_grid_tiny_autoencoder_rows_are_timed_scored_and_compared_with_their_full_vae_twin(tmp_path, grid_inputs):
+    import shutil
+
+    from lightning_modules.components.pipeline import RestorationPipeline, attach_tiny_autoencoder
+    from lightning_modules.components.tiny_autoencoder import (
+        build_tiny_autoencoder,
+        save_tiny_autoencoder,
+        teacher_fingerprint,
+    )
+
+    pipe, evalset = grid_inputs
+    args = [*TINY, "--methods", "latent", "--no-training", "--grid", "--schedulers", "ddim", "--grid-steps", "2"]
+    args += ["--crops", "decode", "--autoencoders", "full,tiny,tiny-decoder", "--quality-data", str(evalset)]
+    with pytest.raises(SystemExit):  # the scoring pipeline has no tiny autoencoder: refused before any model runs
+        benchmark.parse_args([*args, "--quality-model", f"latent={pipe}"])
+    with_tiny = tmp_path / "pipeline"
+    shutil.copytree(pipe, with_tiny)
+    vae = RestorationPipeline.from_pretrained(with_tiny).codec.vae
+    student = tmp_path / "student"
+    tiny = build_tiny_autoencoder("tiny", latent_channels=vae.config.latent_channels)
+    save_tiny_autoencoder(tiny, student, {"teacher_fingerprint": teacher_fingerprint(vae)})
+    attach_tiny_autoencoder(with_tiny, student)
+    out = tmp_path / "grid.json"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert benchmark.main([*args, "--quality-model", f"latent={with_tiny}", "--json", str(out)]) == 0
+    rows = {r["row"]: r for r in json.loads(out.read_text()) if r["record"] == "sampler_row"}
+    assert {"ddim 2, decode crop", "ddim 2, decode crop, tiny AE", "ddim 2, decode crop, tiny decoder"} <= set(rows)
+    tiny_row = rows["ddim 2, decode crop, tiny AE"]
+    assert tiny_row["sampler"]["autoencoder"] == "tiny" and tiny_row["how"] == "measured"
+    assert tiny_row["psnr_vs_full_autoencoder"] > 0 and "psnr_vs_full_autoencoder" not in rows["ddim 2, decode crop"]
+    assert tiny_row["psnr_artifact"] != rows["ddim 2, decode crop"]["psnr_artifact"]
+
+
 def test_speed_target_takes_the_fastest_row_within_the_tolerance_and_the_fastest_pixel_row():
     from experiments.benchmarking.speed_quality import REFERENCE, target_records
 

@@ -58,6 +58,7 @@ class Geometry:
         swin: ``build_swin_unet`` preset of the pixel ArtiFusion denoiser.
         gan_ngf: Filters of the CycleGAN generator's first layer.
         gan_blocks: Residual blocks of the CycleGAN generator.
+        tiny_vae: ``build_tiny_autoencoder`` preset of the optional distilled autoencoder.
     """
 
     image_size: int
@@ -66,15 +67,18 @@ class Geometry:
     swin: str
     gan_ngf: int
     gan_blocks: int
+    tiny_vae: str = "cpu"
 
 
 CONFIGS: dict[str, Geometry] = {
     # The papers' networks: 113.7 M UNet on 4x32x32 + kl-f8 VAE (83.7 M); Swin-UNet 29.7 M; ResNet-9 ngf 64.
-    "paper": Geometry(image_size=256, unet="paper", vae="kl-f8", swin="paper", gan_ngf=64, gan_blocks=9),
+    "paper": Geometry(
+        image_size=256, unet="paper", vae="kl-f8", swin="paper", gan_ngf=64, gan_blocks=9, tiny_vae="taesd"
+    ),
     # The CPU-trainable configs of experiments/configs/model/*_cpu.yaml.
     "cpu": Geometry(image_size=256, unet="cpu", vae="cpu", swin="cpu", gan_ngf=16, gan_blocks=6),
     # Tests and smoke runs on 64x64 tiles.
-    "tiny": Geometry(image_size=64, unet="tiny", vae="tiny", swin="tiny", gan_ngf=8, gan_blocks=2),
+    "tiny": Geometry(image_size=64, unet="tiny", vae="tiny", swin="tiny", gan_ngf=8, gan_blocks=2, tiny_vae="tiny"),
 }
 
 

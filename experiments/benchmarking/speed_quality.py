@@ -1,4 +1,4 @@
-"""Speed against quality of the latent samplers: each (scheduler, steps, crop) row timed end to end and scored.
+"""Speed against quality of the latent samplers: each (scheduler, steps, crop, autoencoder) row timed and scored.
 
 Speed needs the benchmark's networks (the paper sizes; random weights time the same as trained ones), quality needs
 trained weights, which on this machine only the CPU-scale pipelines have. So every row of the grid is measured twice
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -40,6 +40,8 @@ SCHEDULERS = ("ddim", "dpmsolver++", "unipc")
 STEPS = (4, 8, 10, 20, 50)
 CROPS = ("off", "window", "decode")
 CROP_LABELS = {"off": "", "window": ", crop", "decode": ", decode crop"}
+AUTOENCODERS = ("full", "tiny", "tiny-decoder")
+AUTOENCODER_LABELS = {"full": "", "tiny": ", tiny AE", "tiny-decoder": ", tiny decoder"}
 REFERENCE_STEPS = 50
 TOLERANCE_DB = 0.3
 """A row counts as quality-preserving when its mean artifact-PSNR delta to the reference is at least ``-TOLERANCE``."""
@@ -55,20 +57,28 @@ class GridRow:
         crop: ``"off"`` (whole tile), ``"window"`` (``crop``: encode, sample and decode a window around each tile's
             mask, ``components/crop.py``) or ``"decode"`` (``crop_decode``: whole-tile encode and sampling, only the
             window decoded).
+        autoencoder: ``"full"`` (the pipeline's VAE), ``"tiny"`` (its distilled tiny autoencoder) or
+            ``"tiny-decoder"`` (VAE encoder, tiny decoder); ``components/tiny_autoencoder.py``.
     """
 
     scheduler: str | None
     num_steps: int
     crop: str = "off"
+    autoencoder: str = "full"
 
     def __post_init__(self) -> None:
         if self.crop not in CROPS:
             raise ValueError(f"crop must be one of {CROPS}, got {self.crop!r}")
+        if self.autoencoder not in AUTOENCODERS:
+            raise ValueError(f"autoencoder must be one of {AUTOENCODERS}, got {self.autoencoder!r}")
 
     @property
     def label(self) -> str:
-        """Short name, e.g. ``"ddim 10, decode crop"``."""
-        return f"{self.scheduler or 'default'} {self.num_steps}{CROP_LABELS[self.crop]}"
+        """Short name, e.g. ``"ddim 10, decode crop, tiny AE"``."""
+        return (
+            f"{self.scheduler or 'default'} {self.num_steps}{CROP_LABELS[self.crop]}"
+            f"{AUTOENCODER_LABELS[self.autoencoder]}"
+        )
 
     def restore_kwargs(self) -> dict:
         """Keyword arguments of ``RestorationPipeline.restore`` for this row."""
@@ -77,11 +87,17 @@ class GridRow:
             "num_steps": self.num_steps,
             "crop": self.crop == "window",
             "crop_decode": self.crop == "decode",
+            "autoencoder": self.autoencoder,
         }
 
     def as_dict(self) -> dict:
         """The row's settings as stored in records."""
-        return {"scheduler": self.scheduler, "num_steps": self.num_steps, "crop": self.crop}
+        return {
+            "scheduler": self.scheduler,
+            "num_steps": self.num_steps,
+            "crop": self.crop,
+            "autoencoder": self.autoencoder,
+        }
 
 
 REFERENCE = GridRow(None, REFERENCE_STEPS, "off")
@@ -92,16 +108,17 @@ def grid_rows(
     steps: tuple[int, ...] | list[int] = STEPS,
     crops: tuple[str, ...] | list[str] = CROPS,
     default_steps: int | None = None,
+    autoencoders: tuple[str, ...] | list[str] = ("full",),
 ) -> list[GridRow]:
     """The grid's rows: the reference first, then the pipeline's own steps, then every combination.
 
-    The pipeline's own row (``default_steps`` with its own scheduler) comes under every crop setting; duplicates are
-    dropped.
+    The pipeline's own row (``default_steps`` with its own scheduler) comes under every crop and autoencoder
+    setting; duplicates are dropped.
     """
     rows = [REFERENCE]
-    own = [(None, default_steps, c) for c in crops] if default_steps else []
-    for scheduler, n, crop in [*own, *itertools.product(schedulers, steps, crops)]:
-        row = GridRow(scheduler, int(n), crop)
+    own = list(itertools.product([None], [default_steps], crops, autoencoders)) if default_steps else []
+    for scheduler, n, crop, ae in [*own, *itertools.product(schedulers, steps, crops, autoencoders)]:
+        row = GridRow(scheduler, int(n), crop, ae)
         if row not in rows:
             rows.append(row)
     return rows
@@ -160,27 +177,41 @@ def time_row(bench, row: GridRow, x: torch.Tensor, mask: torch.Tensor, precision
 def score_rows(pipe, tiles: EvalTiles, rows: list[GridRow], *, batch_size: int = 8, seed: int = 0) -> dict:
     """Per-tile artifact-region PSNR and SSIM of the trained pipeline under every row, and its seconds.
 
-    All rows of one batch share the seed, so the reference and a row differ only by their settings.
+    All rows of one batch share the seed, so the reference and a row differ only by their settings. A tiny
+    autoencoder row whose full-VAE twin (same settings, ``autoencoder="full"``) is in ``rows`` is also scored
+    against the twin's restoration (the quality cost of the swap on the same restored tiles).
 
     Returns:
-        ``{row: {"psnr": [...], "ssim": [...], "seconds": float}}`` in tile order.
+        ``{row: {"psnr": [...], "ssim": [...], "seconds": float}}`` in tile order, plus ``"vs_full_psnr"`` and
+        ``"vs_full_ssim"`` lists for tiny autoencoder rows with a twin.
     """
     device = next(pipe.unet.parameters()).device
     out = {row: {"psnr": [], "ssim": [], "seconds": 0.0} for row in rows}
+    twins = {row: replace(row, autoencoder="full") for row in rows if row.autoencoder != "full"}
+    twins = {row: twin for row, twin in twins.items() if twin in out}
+    for row in twins:
+        out[row] |= {"vs_full_psnr": [], "vs_full_ssim": []}
     batches = list(range(0, len(tiles.names), batch_size))
     with tqdm(total=len(rows) * len(batches), desc=f"quality ({pipe.name}, {tiles.name})", unit="batch") as bar:
         for b, start in enumerate(batches):
             part = slice(start, start + batch_size)
             x, mask = tiles.corrupted[part].to(device), tiles.masks[part].to(device)
+            restored = {}
             for row in rows:
-                restored, seconds = timed_restore(pipe, x, mask, seed + b, row.restore_kwargs())
+                restored[row], seconds = timed_restore(pipe, x, mask, seed + b, row.restore_kwargs())
                 out[row]["seconds"] += seconds
                 scores = per_image_metrics(
-                    restored, tiles.clean[part], mask.cpu(), regions=("artifact",), metrics=("psnr", "ssim")
+                    restored[row], tiles.clean[part], mask.cpu(), regions=("artifact",), metrics=("psnr", "ssim")
                 )
                 out[row]["psnr"] += [float(v) for v in scores["artifact/psnr"]]
                 out[row]["ssim"] += [float(v) for v in scores["artifact/ssim"]]
                 bar.update()
+            for row, twin in twins.items():
+                scores = per_image_metrics(
+                    restored[row], restored[twin], mask.cpu(), regions=("artifact",), metrics=("psnr", "ssim")
+                )
+                out[row]["vs_full_psnr"] += [float(v) for v in scores["artifact/psnr"]]
+                out[row]["vs_full_ssim"] += [float(v) for v in scores["artifact/ssim"]]
     return out
 
 
@@ -189,7 +220,14 @@ def quality_fields(scores: dict, row: GridRow, quality_from: str) -> dict:
     mine, ref = scores[row], scores[REFERENCE]
     deltas = [a - b for a, b in zip(mine["psnr"], ref["psnr"], strict=True)]
     mean, low, high, n = bootstrap_ci(deltas)
+    versus_full = {}
+    if "vs_full_psnr" in mine:
+        versus_full = {
+            "psnr_vs_full_autoencoder": sum(mine["vs_full_psnr"]) / n,
+            "ssim_vs_full_autoencoder": sum(mine["vs_full_ssim"]) / n,
+        }
     return {
+        **versus_full,
         "psnr_artifact": sum(mine["psnr"]) / len(mine["psnr"]),
         "ssim_artifact": sum(mine["ssim"]) / len(mine["ssim"]),
         "psnr_artifact_delta": mean,

@@ -201,6 +201,7 @@ def sampler_grid_table(records: list[dict]) -> str:
             _fmt(r.get("ssim_artifact"), ".3f"),
             delta(r),
             _fmt(r.get("psnr_artifact_delta_worst"), "+.2f"),
+            _fmt(r.get("psnr_vs_full_autoencoder"), ".2f"),
         ]
         for r in records
         if r.get("record") == "sampler_row"
@@ -218,6 +219,7 @@ def sampler_grid_table(records: list[dict]) -> str:
         "SSIM (trained)",
         "PSNR delta [95 % CI]",
         "worst tile",
+        "PSNR vs full-VAE row",
     ]
     return markdown_table(header, rows)
 

@@ -10,6 +10,8 @@ Layout (diffusers ``save_pretrained`` formats plus one JSON file)::
       scheduler/        # the training noise schedule (diffusers DDPMScheduler config)
       vae/              # diffusers AutoencoderKL (latent pipelines only)
       refiner/          # optional pixel refiner (components/refiner.py), named by pipeline.json's "refiner"
+      tiny_vae/         # optional distilled tiny autoencoder (components/tiny_autoencoder.py), named by
+                        # pipeline.json's "tiny_autoencoder"; used when SamplerConfig.autoencoder asks for it
 
 ``RestorationPipeline.from_pretrained(dir)`` loads it; ``restore(corrupted, artifact_mask)`` runs the regional
 sampler (docs/METHOD.md sections 3-4) with the stored settings, any of which can be overridden per call (preset, step
@@ -18,7 +20,8 @@ the mask-conditioned restorer (``conditional: true``: the denoiser also takes th
 latent, see ``components/conditioning.py``). A pipeline with a ``refiner/`` runs it on the pasted-back restoration
 and pastes its output back again (``SamplerConfig.refine=False`` skips it); :func:`attach_refiner` adds one to an
 exported folder. With ``SamplerConfig.crop`` only a window around each tile's mask goes through the VAE and the
-denoiser (``components/crop.py``); the refiner still sees the whole tile.
+denoiser (``components/crop.py``); the refiner still sees the whole tile. ``SamplerConfig.autoencoder`` =
+``"tiny"`` / ``"tiny-decoder"`` swaps in the folder's tiny autoencoder (:func:`attach_tiny_autoencoder`).
 """
 
 import contextlib
@@ -30,21 +33,29 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
+from diffusers import AutoencoderKL, AutoencoderTiny, DDPMScheduler, UNet2DModel
 
 from lightning_modules.components.autoencoders import LatentCodec
 from lightning_modules.components.crop import RestoreFn, plan_windows, restore_windows
 from lightning_modules.components.denoisers import predict
+from lightning_modules.components.hardware import resolve_precision
 from lightning_modules.components.refiner import PixelRefiner, load_refiner, save_refiner
 from lightning_modules.components.regional_sampler import RegionalSampler, SamplerConfig, composite, restore
 from lightning_modules.components.restorer import check_batch
 from lightning_modules.components.schedulers import build_scheduler
+from lightning_modules.components.tiny_autoencoder import (
+    load_tiny_autoencoder,
+    make_codec,
+    save_tiny_autoencoder,
+    teacher_fingerprint,
+)
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 REFINER_DIR = "refiner"
+TINY_VAE_DIR = "tiny_vae"
 
 
 def unet_callable(unet: torch.nn.Module) -> callable:
@@ -169,6 +180,44 @@ def attach_refiner(path: str | Path, refiner: PixelRefiner, extra: dict | None =
     return path
 
 
+def attach_tiny_autoencoder(path: str | Path, tiny_folder: str | Path) -> Path:
+    """Copy a distilled tiny autoencoder into an exported latent pipeline folder (``tiny_vae/``), atomically.
+
+    Args:
+        path: The pipeline folder (must hold the VAE the tiny autoencoder was distilled from).
+        tiny_folder: A folder written by ``save_tiny_autoencoder``.
+
+    Raises:
+        FileNotFoundError: ``path`` holds no ``pipeline.json`` or no ``vae/``, or ``tiny_folder`` is incomplete.
+        ValueError: The tiny autoencoder was distilled from another VAE (its teacher fingerprint differs).
+    """
+    path = Path(path)
+    meta_file = path / "pipeline.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{path} is not a restoration pipeline (no pipeline.json); export it first")
+    if not (path / "vae").is_dir():
+        raise FileNotFoundError(f"{path} has no vae/: a tiny autoencoder only goes into a latent pipeline")
+    tiny, facts = load_tiny_autoencoder(tiny_folder)
+    vae = AutoencoderKL.from_pretrained(path / "vae", local_files_only=True, low_cpu_mem_usage=False)
+    _check_teacher(facts, vae, tiny_folder, path)
+    save_tiny_autoencoder(tiny, path / TINY_VAE_DIR, facts)
+    meta = json.loads(meta_file.read_text())
+    meta["tiny_autoencoder"] = TINY_VAE_DIR
+    tmp = meta_file.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
+    os.replace(tmp, meta_file)
+    return path
+
+
+def _check_teacher(facts: dict, vae: AutoencoderKL, tiny_folder: str | Path, pipeline: str | Path) -> None:
+    """Refuse a tiny autoencoder whose recorded teacher is not this VAE (its latents would mean something else)."""
+    if facts.get("teacher_fingerprint") != teacher_fingerprint(vae):
+        raise ValueError(
+            f"{tiny_folder} was distilled from another VAE ({facts.get('teacher', 'unknown teacher')}) than "
+            f"{pipeline}'s vae/; distil it from this pipeline's VAE (--model.init_args.teacher {pipeline}/vae)"
+        )
+
+
 def _rmtree(path: Path) -> None:
     import shutil
 
@@ -187,12 +236,15 @@ class RestorationPipeline(torch.nn.Module):
         sampler: Default sampler settings.
         vae: Autoencoder for latent pipelines (frozen); None for pixel space.
         scheduler_name: Default sampling scheduler name.
-        precision: ``"fp32"``, ``"bf16"`` (fast on AMX CPUs and recent GPUs) or ``"fp16"`` (GPU) autocast.
+        precision: ``"fp32"``, ``"bf16"`` (fast on AMX / AVX-512 BF16 CPUs and recent GPUs), ``"fp16"`` (GPU) autocast,
+            or ``"auto"`` (bf16 where the device computes it natively, else fp32; ``components/hardware.py``).
         name: Method name used in reports.
         image_size: Tile edge in pixels the pipeline was trained for.
         conditional: The denoiser takes ``[z_t, latent_mask, z_corrupted]`` (``components/conditioning.py``).
         residual: The conditional denoiser generates the latent change, not the clean latent.
         refiner: Optional pixel refiner run on the pasted-back restoration (``components/refiner.py``).
+        tiny_vae: Optional tiny autoencoder distilled from ``vae`` (``components/tiny_autoencoder.py``), used when
+            ``SamplerConfig.autoencoder`` is ``"tiny"`` or ``"tiny-decoder"``.
     """
 
     takes_sampler = True
@@ -211,10 +263,11 @@ class RestorationPipeline(torch.nn.Module):
         conditional: bool = False,
         residual: bool = False,
         refiner: PixelRefiner | None = None,
+        tiny_vae: AutoencoderTiny | None = None,
     ) -> None:
         super().__init__()
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+        if precision not in (*PRECISIONS, "auto"):
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)} or 'auto', got {precision!r}")
         self.unet = unet.eval().requires_grad_(False)
         self.codec = LatentCodec(vae) if vae is not None else None
         self.noise_scheduler = scheduler
@@ -228,6 +281,9 @@ class RestorationPipeline(torch.nn.Module):
         if self.residual and not self.conditional:
             raise ValueError("a residual pipeline needs a conditional denoiser")
         self.refiner = refiner.eval().requires_grad_(False) if refiner is not None else None
+        if tiny_vae is not None and self.codec is None:
+            raise ValueError("a tiny autoencoder needs a latent pipeline (a VAE)")
+        self.tiny_vae = tiny_vae.eval().requires_grad_(False) if tiny_vae is not None else None
         self.nfe = 0
         self._compiled_unet: torch.nn.Module | None = None
         self.performance = {"channels_last": False, "compile": None}
@@ -236,7 +292,7 @@ class RestorationPipeline(torch.nn.Module):
         """Performance options that leave the restoration's definition unchanged (floating-point rounding aside).
 
         Args:
-            channels_last: Store the convolution weights of the denoiser, the VAE and the refiner in
+            channels_last: Store the convolution weights of the denoiser, the autoencoders and the refiner in
                 ``torch.channels_last`` (NHWC), the layout oneDNN on CPUs and cuDNN tensor cores prefer.
             compile: ``torch.compile`` the denoiser with this backend (``"inductor"``, the default one; ``"eager"``
                 only traces, for tests); ``None`` = off. Crop windows of new sizes trigger recompiles.
@@ -245,7 +301,7 @@ class RestorationPipeline(torch.nn.Module):
             ``self``.
         """
         if channels_last:
-            for module in (self.unet, self.codec.vae if self.codec is not None else None, self.refiner):
+            for module in (self.unet, self.codec, self.tiny_vae, self.refiner):
                 if module is not None:
                     module.to(memory_format=torch.channels_last)
         # a plain attribute, not a submodule: the compiled wrapper shares the denoiser's parameters
@@ -312,6 +368,13 @@ class RestorationPipeline(torch.nn.Module):
         if meta["kind"] == "latent":
             vae = load("vae", AutoencoderKL.from_pretrained, low_cpu_mem_usage=False)
         conditional = bool(meta.get("conditional", False))
+        tiny_vae = None
+        if meta.get("tiny_autoencoder") and vae is not None:
+            try:
+                tiny_vae, facts = load_tiny_autoencoder(path / meta["tiny_autoencoder"])
+            except (FileNotFoundError, ValueError) as err:
+                raise type(err)(f"{err}; the pipeline folder is damaged: {fix}") from err
+            _check_teacher(facts, vae, path / meta["tiny_autoencoder"], path)
         refiner = None
         if meta.get("refiner"):
             try:
@@ -334,12 +397,13 @@ class RestorationPipeline(torch.nn.Module):
             conditional=conditional,
             residual=bool(meta.get("residual", False)),
             refiner=refiner,
+            tiny_vae=tiny_vae,
         )
         return pipe.to(device)
 
     def save_pretrained(self, path: str | Path) -> Path:
-        """Write this pipeline to a folder (see :func:`save_pipeline`)."""
-        return save_pipeline(
+        """Write this pipeline to a folder (see :func:`save_pipeline`), its tiny autoencoder included."""
+        out = save_pipeline(
             path,
             unet=self.unet,
             scheduler=self.noise_scheduler,
@@ -351,9 +415,15 @@ class RestorationPipeline(torch.nn.Module):
             residual=self.residual,
             refiner=self.refiner,
         )
+        if self.tiny_vae is not None:
+            tmp = Path(out) / (TINY_VAE_DIR + ".src")
+            save_tiny_autoencoder(self.tiny_vae, tmp, {"teacher_fingerprint": teacher_fingerprint(self.codec.vae)})
+            attach_tiny_autoencoder(out, tmp)
+            _rmtree(tmp)
+        return out
 
     def _autocast(self, device: torch.device):
-        dtype = PRECISIONS[self.precision]
+        dtype = PRECISIONS[resolve_precision(self.precision, device)]
         if dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=dtype)
@@ -426,8 +496,9 @@ class RestorationPipeline(torch.nn.Module):
             ``fn(corrupted (B, 3, h, w) in [-1, 1], mask (B, 1, h, w) in {0, 1}) -> restored (B, 3, h, w)``.
         """
         if self.codec is not None:
-            encode = lambda x: self.codec.encode(x, generator=generator)  # noqa: E731
-            decode = self.codec.decode
+            codec = make_codec(sampler.config.autoencoder, self.codec, self.tiny_vae, f"pipeline {self.name!r}")
+            encode = lambda x: codec.encode(x, generator=generator)  # noqa: E731
+            decode = codec.decode
         else:
             encode = decode = lambda x: x  # noqa: E731
 

@@ -68,6 +68,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "start": ("noise", "z0"),
     "timestep_spacing": (None, "leading", "trailing", "linspace"),
     "decode": ("full", "delta", "od-delta", "adaptive"),
+    "autoencoder": ("full", "tiny", "tiny-decoder"),
 }
 # Schedulers whose ``step`` is stateless, so RePaint's jumps may revisit timesteps.
 _JUMP_SAFE = (DDPMScheduler, DDIMScheduler)
@@ -114,6 +115,9 @@ class SamplerConfig:
             and denoiser still see the whole tile. For denoisers whose downsampling makes ``crop`` fall back to the
             whole tile (the paper UNet needs 256 px windows), this is the part of the VAE work that can be cut.
             Ignored without ``paste_back``.
+        autoencoder: in ``RestorationPipeline.restore``, which autoencoder encodes and decodes: ``"full"`` (the
+            pipeline's VAE), ``"tiny"`` (its distilled tiny autoencoder, ``components/tiny_autoencoder.py``) or
+            ``"tiny-decoder"`` (the VAE's encoder, the tiny decoder). The tiny modes need a pipeline that holds one.
     """
 
     preset: Literal["repaint", "reference"] = "repaint"
@@ -137,6 +141,7 @@ class SamplerConfig:
     crop_margin: int = 32
     crop_max_fraction: float = 0.6
     crop_decode: bool = False
+    autoencoder: Literal["full", "tiny", "tiny-decoder"] = "full"
 
     def __post_init__(self) -> None:
         for key, choices in _CHOICES.items():
