@@ -5,7 +5,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export WANDB_MODE ?= offline
 export PYTHONHASHSEED := 0
 
-.PHONY: setup demo demo-quick test test-fast gallery benchmark
+.PHONY: setup demo demo-quick test test-fast gallery benchmark tiny-vae
 
 setup:
 	@bash scripts/setup_env.sh
@@ -21,6 +21,10 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(ARGS)
+
+# distil the tiny autoencoder from the demo's VAE and add it to both demo pipelines (after `make demo`)
+tiny-vae: setup
+	$(PY) -m experiments.tiny_vae $(ARGS)
 
 gallery: setup
 	$(PY) -m datamodules.gallery --out outputs/gallery.png

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from datamodules import synthesize
-from experiments import ablate, benchmark, downstream, evaluate, export, restore, restore_slide
+from experiments import ablate, benchmark, downstream, evaluate, export, restore, restore_slide, tiny_vae
 from experiments.jobs import from_namespace
 from tests.tiny_data import write_tiny_evalset, write_tiny_pipeline
 
@@ -49,8 +49,19 @@ SIZE = 64
             {"slide": Path("s.tif"), "out": Path("o.tif"), "masks": "auto"},
         ),
         (ablate.parse_args, ablate.AblateJob, ["--suite", "sampler"], {"suite": "sampler"}),
+        (tiny_vae.parse_args, tiny_vae.TinyVaeJob, [], {}),
     ],
-    ids=["restore", "evaluate", "synthesize", "downstream", "benchmark", "export", "restore_slide", "ablate"],
+    ids=[
+        "restore",
+        "evaluate",
+        "synthesize",
+        "downstream",
+        "benchmark",
+        "export",
+        "restore_slide",
+        "ablate",
+        "tiny_vae",
+    ],
 )
 def test_the_parsed_flags_are_the_job_dataclass_with_its_defaults(parse, job, argv, required):
     assert parse(argv) == job(**required), "a flag default and the dataclass default disagree"

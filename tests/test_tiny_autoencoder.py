@@ -193,3 +193,42 @@ def test_a_damaged_or_foreign_tiny_folder_fails_at_load(tiny_pipeline, tmp_path)
     facts_file.unlink()
     with pytest.raises(FileNotFoundError, match="damaged"):
         RestorationPipeline.from_pretrained(copy)
+
+
+def test_tiny_vae_command_refuses_bad_folders_before_training(tmp_path, teacher_dir):
+    from experiments import tiny_vae
+
+    with pytest.raises(SystemExit, match="is not a VAE folder"):
+        tiny_vae.run(tiny_vae.TinyVaeJob(teacher=tmp_path / "none", pipelines=[], out=tmp_path / "o"))
+    with pytest.raises(SystemExit, match="is not a pipeline folder"):
+        tiny_vae.run(tiny_vae.TinyVaeJob(teacher=teacher_dir, pipelines=[tmp_path / "p"], out=tmp_path / "o"))
+    with pytest.raises(SystemExit, match="--report-only needs"):
+        tiny_vae.run(tiny_vae.TinyVaeJob(teacher=teacher_dir, pipelines=[], out=tmp_path / "o", report_only=True))
+    with pytest.raises(SystemExit):
+        tiny_vae.parse_args(["--tile", "60"])
+
+
+def test_tiny_vae_report_scores_and_times_each_autoencoder(teacher_dir):
+    from experiments import tiny_vae
+
+    torch.manual_seed(0)
+    from lightning_modules.components.autoencoders import load_autoencoder
+
+    teacher = load_autoencoder(teacher_dir)
+    student = build_tiny_autoencoder("tiny", latent_channels=teacher.config.latent_channels)
+    tiles = {"seen": real_crops(3, 32), "unseen": real_crops(2, 32)}
+    records = tiny_vae.score(teacher, student, tiles)
+    assert [(r["tissue"], r["autoencoder"]) for r in records] == [
+        (t, a) for t in ("seen", "unseen") for a in ("full", "tiny", "tiny-decoder")
+    ]
+    assert records[0]["tiles"] == 3 and "psnr_vs_full" not in records[0] and "psnr_vs_full" in records[1]
+    speed = tiny_vae.time_codecs(
+        tiny_vae._codec_fns(teacher, student), batch=1, precisions=["fp32"], max_seconds=0.01, label="trained"
+    )
+    assert {(r["autoencoder"], r["part"]) for r in speed} == {
+        (a, p) for a in ("full", "tiny") for p in ("encode", "decode")
+    }
+    assert all(r["seconds_per_tile"] > 0 and r["gflop_per_tile"] > 0 for r in speed)
+    machine = {"record": "machine", "cpu_model": "test CPU", "threads": 1, "distillation": {"size": "tiny", "steps": 0}}
+    text = tiny_vae.markdown([machine, *records, *speed])
+    assert "| seen | tiny |" in text and "| trained | tiny | decode | fp32 |" in text and "1.00x" in text
