@@ -129,3 +129,33 @@ def test_segment_images_pads_to_the_stride_and_crops_back():
     assert np.array_equal(probs[0], net.predict_proba(to_tensor(padded)[None])[0, 0].numpy()[:37, :50])
     with pytest.raises(ValueError, match="larger than"):
         segment_images(net, images, size=(32, 32))
+
+
+def test_real_histoqc_annotations_are_scored_per_image_and_pooled(tmp_path, capsys):
+    import json
+
+    import numpy as np
+
+    from experiments import segmenter_real
+
+    data = segmenter_real.histoqc_annotations()
+    assert set(data) == {"pen_green", "pen_red", "pen_black", "coverslip_edge"}
+    for rgb, truth in data.values():
+        assert rgb.dtype == np.uint8 and rgb.shape[:2] == truth.shape and 0 < truth.mean() < 0.5
+    pred, truth = np.zeros((4, 4), bool), np.zeros((4, 4), bool)
+    pred[:2], truth[1:3] = True, True
+    s = segmenter_real.scores(pred, truth)
+    assert s["dice"] == 0.5 and s["precision"] == 0.5 and s["recall"] == 0.5
+    torch.manual_seed(0)
+    model = save_segmenter(build_segmenter("tiny").eval(), tmp_path / "seg")
+    rgb = data["pen_green"][0][:100, :140]
+    prob = segmenter_real.predict(load_segmenter(model), rgb, 2)
+    assert prob.shape == (100, 140) and prob.dtype == np.float32 and 0 <= prob.min() <= prob.max() <= 1
+    out = tmp_path / "real.json"
+    assert segmenter_real.main(["--model", str(model), "--scales", "1", "--json", str(out)]) == 0
+    records = json.loads(out.read_text())
+    assert [r["image"] for r in records] == ["pen_green", "pen_red", "pen_black", "coverslip_edge", "all"]
+    assert sum(r["counts"][2] for r in records[:4]) == records[4]["counts"][2]
+    assert "| all | 1x |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        segmenter_real.main(["--model", str(tmp_path), "--scales", "1"])
