@@ -58,7 +58,7 @@ class TinyVaeJob:
     pipelines: list[Path] = field(default_factory=lambda: [DEMO / "pipeline", DEMO / "pipeline_conditional"])
     out: Path = DEMO / "tiny_vae_run"
     size: str = "cpu"
-    steps: int = 1500
+    steps: int = 600
     batch_size: int = 8
     tile: int = 64
     report_only: bool = False
@@ -298,7 +298,7 @@ def parse_args(argv: list[str] | None = None) -> TinyVaeJob:
     )
     p.add_argument("--out", type=Path, default=DEMO / "tiny_vae_run")
     p.add_argument("--size", default="cpu", choices=("taesd", "cpu", "tiny"))
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--tile", type=int, default=64)
     p.add_argument("--report-only", action="store_true", help="measure an existing OUT/tiny_vae, do not train")
