@@ -20,6 +20,7 @@ No ``lightning`` import here.
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -172,11 +173,11 @@ def save_tiny_autoencoder(tiny: AutoencoderTiny, path: str | os.PathLike, distil
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
-        _rmtree(tmp)
+        shutil.rmtree(tmp)
     tiny.save_pretrained(tmp)
     (tmp / DISTILLATION_FILE).write_text(json.dumps(distillation, indent=2, sort_keys=True))
     if path.exists():
-        _rmtree(path)
+        shutil.rmtree(path)
     os.replace(tmp, path)
     return path
 
@@ -232,9 +233,3 @@ def make_codec(
             "with `python -m experiments.export tiny-vae --ckpt CKPT --out PIPELINE_DIR` (docs/TINY_VAE.md)"
         )
     return TinyCodec(tiny, encoder=vae_codec if mode == "tiny-decoder" else None)
-
-
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path)
